@@ -1,0 +1,146 @@
+"""`pixeldiff-launch`: plan and run a manifest.
+
+    pixeldiff-launch plan MANIFEST [--json] [--set key=value ...]
+    pixeldiff-launch run  MANIFEST [--local] [--detach] [--runs-dir DIR] [--set key=value ...]
+
+Exit codes: 0 done, 2 bad input (message says what and how to fix), 128+N when a
+local run was stopped by signal N (it saved a checkpoint; run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from launcher.manifest import load_manifest
+from launcher.plan import format_plan, make_plan
+from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
+
+
+class UsageError(Exception):
+    """A user mistake outside the manifest (paths, a busy run directory)."""
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+    elif isinstance(d, list) and d and isinstance(d[0], dict):
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
+    """Create runs/<name>/ with the resolved manifest and plan, or check an existing one. -> (dir, resuming)."""
+    run_dir = runs_dir / m.name
+    existing = run_dir / "manifest.yaml"
+    if existing.exists():
+        old = _flatten(to_dict(load_resolved(existing)))
+        new = _flatten(to_dict(m))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
+            raise UsageError(
+                f"{run_dir} already holds run {m.name!r} with a different manifest: {shown}"
+                f"{' ...' if len(changed) > 5 else ''}. To resume it, use the same manifest; to start a new run, "
+                f"change 'name' (e.g. --set name={m.name}-2) or --runs-dir"
+            )
+        return run_dir, True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("checkpoints", "samples", "jobs"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    (run_dir / "plan.json").write_text(json.dumps(make_plan(m), indent=1))
+    tmp = run_dir / ".manifest.yaml.tmp"
+    tmp.write_text(dump_yaml(m))
+    os.replace(tmp, existing)
+    return run_dir, False
+
+
+def cmd_plan(args) -> int:
+    m = load_manifest(Path(args.manifest), args.set)
+    p = make_plan(m)
+    print(json.dumps(p, indent=1) if args.json else format_plan(p))
+    return 0
+
+
+def cmd_run(args) -> int:
+    m = load_manifest(Path(args.manifest), args.set)
+    local = args.local or m.cluster.backend == "local"
+    if not local:
+        raise UsageError(
+            f"{args.manifest}: cluster.backend is 'slurm', and Slurm submission is not available in this version yet; "
+            f"run it on this machine with --local"
+        )
+    if m.cluster.backend != "local":  # a dry run of a cluster manifest: its own run directory
+        m = dataclasses.replace(m, name=f"{m.name}-local", cluster=dataclasses.replace(m.cluster, backend="local"))
+    run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
+    print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}", flush=True)
+    if args.detach:
+        log = run_dir / "jobs" / f"local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "pixeldiff.train", str(run_dir)], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(1.0)
+        if proc.poll() is not None and proc.returncode != 0:
+            print(log.read_text(), file=sys.stderr)
+            return proc.returncode
+        print(f"job running in the background: pid {proc.pid}, log {log}")
+        print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
+        return 0
+    from pixeldiff.train import RunLocked, run_job
+
+    try:
+        reason = run_job(run_dir, log=lambda s: print(s, flush=True))
+    except RunLocked as e:
+        raise UsageError(f"{e}; wait for it or stop it first") from None
+    if reason == "finished":
+        return 0
+    import signal
+
+    return 128 + int(signal.Signals[reason.split()[-1]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pixeldiff-launch", description="Plan and run pixeldiff training manifests.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("manifest", help="the run manifest (YAML)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a manifest field, e.g. --set budget.usd=100 (repeatable)")
+
+    p = sub.add_parser("plan", help="print the stages, steps, GPU-hours and dollars a manifest implies")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="start or resume a run")
+    common(p)
+    p.add_argument("--local", action="store_true", help="run on this machine (one GPU or the CPU), in runs/<name>-local")
+    p.add_argument("--detach", action="store_true", help="return once the job has started")
+    p.add_argument("--runs-dir", default="runs", help="where run directories live (default: ./runs)")
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Load a manifest file strictly, apply `--set` overrides, validate once.
+
+Every problem a user can make raises `ConfigError` with a message that names the
+file/line or key path and the fix; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from pixeldiff.config import ConfigError, Manifest, from_dict, validate
+
+
+def read_yaml(path: Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such manifest file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the manifest ({e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        if "constructor" in problem or "tag" in problem:
+            problem += " (YAML tags that construct objects are not allowed in a manifest; write plain values)"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a manifest is a YAML mapping (name:, stages:, ...), got {type(data).__name__}")
+    return data
+
+
+_INDEX = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
+def _split_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for piece in key.split("."):
+        mi = _INDEX.match(piece)
+        if mi:
+            parts += [mi.group(1), int(mi.group(2))]
+        elif piece.isdigit():
+            parts.append(int(piece))
+        elif piece:
+            parts.append(piece)
+        else:
+            raise ConfigError(f"--set {key}: empty part in the key path")
+    return parts
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`dotted.key=value` (value parsed as YAML: 3, 0.5, true, [a, b], text) into the raw manifest."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value, e.g. --set budget.usd=100")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = _split_key(key.strip())
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(str(p) for p in parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"--set {key}: {here} is not an existing list item")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {here} is not a section")
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"--set {key}: index {last} is not an existing list item")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: the parent of '{last}' is not a section")
+    node[last] = value
+
+
+def load_manifest(path: Path, overrides: list[str] = ()) -> Manifest:
+    data = read_yaml(path)
+    for o in overrides:
+        apply_override(data, o)
+    m = from_dict(Manifest, data)
+    validate(m)
+    return m

@@ -1,0 +1,345 @@
+"""The run manifest as a typed dataclass tree, and a strict loader for it.
+
+Every section is a dataclass; `from_dict` builds the tree from plain YAML data and
+rejects unknown keys, wrong types and missing required fields with a `ConfigError`
+whose message names the key path, what was expected and what was given.
+Cross-field rules (resolution divisible by patch, batch divisible by ranks, ...)
+live in `validate`, so one call checks everything at the edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from pixeldiff.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A problem with the manifest a user can fix; the message says how."""
+
+
+@dataclass
+class ClusterConfig:
+    backend: Literal["local", "slurm"] = "slurm"  # local: run on this machine
+    nodes: int = 1
+    gpus_per_node: int = 8
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    max_job_hours: float = 4.0  # each Slurm job's time limit; the run is cut into such jobs
+    exclusive: bool = True
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
+    env: dict[str, str] = field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class BudgetConfig:
+    usd: float = 0.0  # dollar cap; 0 = no dollar cap
+    wall_hours: float = 0.0  # wall-clock cap; 0 = no wall-clock cap
+    gpu_hour_usd: float = 0.0  # price of one GPU-hour
+
+
+@dataclass
+class StageConfig:
+    name: str
+    resolution: int
+    global_batch: int
+    steps: Optional[int] = None  # either steps ...
+    budget_share: Optional[float] = None  # ... or a fraction of the budget's GPU-hours
+    micro_batch: Optional[int] = None  # per-rank batch per forward; default global_batch / ranks
+    est_img_per_s_per_gpu: Optional[float] = None  # throughput estimate for planning
+
+
+@dataclass
+class ObjectiveConfig:
+    t_mean: float = 0.0  # logit-normal time sampling: logit(t) ~ N(t_mean, t_std)
+    t_std: float = 1.0
+    uniform_prob: float = 0.1  # probability of a uniform t draw instead
+    shift_base: float = 1.0  # time shift at shift_reference_px; grows linearly with resolution
+    shift_reference_px: int = 256
+    t_clamp: float = 0.05  # velocity denominator clamp
+    caption_dropout: float = 0.1  # for classifier-free guidance
+
+
+@dataclass
+class PerceptualLossConfig:
+    weight: float = 0.0
+    weights: Optional[str] = None  # local path or s3:// URL of the frozen network's weights
+
+
+@dataclass
+class LossesConfig:
+    lpips: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+    dino: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 1000
+    grad_clip: float = 0.2  # global gradient-norm clip; 0 = off
+    ema_decay: float = 0.999
+    ema_every: int = 1
+
+
+@dataclass
+class TextConfig:
+    encoder: Literal["builtin"] = "builtin"
+    max_tokens: int = 16
+    dim: int = 64
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "webdataset"] = "synthetic"
+    shards: Optional[str] = None  # webdataset only
+    seed: int = 0
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run dir>/checkpoints; may be s3://
+    interval_steps: int = 1000
+    keep: int = 3
+
+
+@dataclass
+class LoggingConfig:
+    metrics_interval: int = 10
+    sample_interval: int = 1000  # 0 = only at the end
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    sample_steps: int = 30
+    sample_cfg: float = 4.0
+
+
+@dataclass
+class Manifest:
+    name: str
+    stages: list[StageConfig]
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.cluster.backend == "local" else self.cluster.nodes * self.cluster.gpus_per_node
+
+
+# ---------------------------------------------------------------- strict loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, path)
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_got(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {_got(value)}")
+        kt, vt = typing.get_args(tp)
+        return {_convert(k, kt, f"{path}.<key>"): _convert(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool (true/false), got {_got(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {_got(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {_got(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {_got(value)}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in this file, not user input
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, strictly: unknown, missing or mistyped keys raise ConfigError."""
+    where = path or "manifest"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_got(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{path}.{unknown[0]}" if path else str(unknown[0])
+        raise ConfigError(f"unknown key '{key}'; valid keys in {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{sub}' ({_type_name(hints[name])})")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj)
+
+
+def validate(m: Manifest) -> None:
+    """Cross-field checks, run once after loading. Raises ConfigError naming the field and the fix."""
+    from pixeldiff.model import resolve_model_config
+
+    if not m.name or any(c in m.name for c in "/ \\"):
+        raise ConfigError(f"name: {m.name!r} must be non-empty without spaces or slashes (it names the run directory)")
+    for key in ("usd", "wall_hours", "gpu_hour_usd"):
+        if getattr(m.budget, key) < 0:
+            raise ConfigError(f"budget.{key}: must be >= 0, got {getattr(m.budget, key)}")
+    c = m.cluster
+    if c.nodes < 1 or c.gpus_per_node < 1:
+        raise ConfigError(f"cluster: nodes and gpus_per_node must be >= 1, got {c.nodes} and {c.gpus_per_node}")
+    if c.max_job_hours <= 0:
+        raise ConfigError(f"cluster.max_job_hours: must be > 0, got {c.max_job_hours}")
+    try:
+        mc = resolve_model_config(m.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if not m.stages:
+        raise ConfigError("stages: the list is empty; give at least one stage (name, resolution, global_batch, steps)")
+    world = m.world_size
+    names = set()
+    for i, s in enumerate(m.stages):
+        p = f"stages[{i}]"
+        if s.name in names:
+            raise ConfigError(f"{p}.name: duplicate stage name {s.name!r}")
+        names.add(s.name)
+        if s.resolution <= 0 or s.resolution % mc.patch_size:
+            raise ConfigError(
+                f"{p}.resolution: {s.resolution} is not a positive multiple of the patch size "
+                f"{mc.patch_size} (model.patch_size); use e.g. {max(1, s.resolution // mc.patch_size) * mc.patch_size}"
+            )
+        if s.global_batch <= 0 or s.global_batch % world:
+            raise ConfigError(
+                f"{p}.global_batch: {s.global_batch} is not divisible by the {world} GPUs "
+                f"(cluster.nodes x cluster.gpus_per_node); use a multiple of {world}"
+            )
+        if (s.steps is None) == (s.budget_share is None):
+            raise ConfigError(f"{p}: give exactly one of 'steps' or 'budget_share'")
+        if s.steps is not None and s.steps <= 0:
+            raise ConfigError(f"{p}.steps: must be > 0, got {s.steps}")
+        if s.budget_share is not None:
+            if not 0 < s.budget_share <= 1:
+                raise ConfigError(f"{p}.budget_share: must be in (0, 1], got {s.budget_share}")
+            if not s.est_img_per_s_per_gpu:
+                raise ConfigError(f"{p}.est_img_per_s_per_gpu: needed to turn budget_share into steps")
+            if not (m.budget.wall_hours or (m.budget.usd and m.budget.gpu_hour_usd)):
+                raise ConfigError(f"{p}.budget_share: needs budget.wall_hours or budget.usd with budget.gpu_hour_usd")
+        per_rank = s.global_batch // world
+        if s.micro_batch is not None and (s.micro_batch <= 0 or per_rank % s.micro_batch):
+            raise ConfigError(
+                f"{p}.micro_batch: {s.micro_batch} must divide the per-rank batch {per_rank} "
+                f"(global_batch {s.global_batch} / {world} ranks)"
+            )
+        if s.est_img_per_s_per_gpu is not None and s.est_img_per_s_per_gpu <= 0:
+            raise ConfigError(f"{p}.est_img_per_s_per_gpu: must be > 0, got {s.est_img_per_s_per_gpu}")
+    share = sum(s.budget_share or 0 for s in m.stages)
+    if share > 1 + 1e-9:
+        raise ConfigError(f"stages: budget_share values add up to {share:g}, more than 1")
+    o = m.optimizer
+    if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1 or o.ema_every < 1:
+        raise ConfigError("optimizer: lr must be > 0, warmup_steps >= 0, grad_clip >= 0, ema_decay in [0, 1), ema_every >= 1")
+    if len(o.betas) != 2:
+        raise ConfigError(f"optimizer.betas: expected two numbers, got {o.betas}")
+    ob = m.objective
+    if not 0 < ob.t_clamp < 1 or ob.t_std <= 0 or ob.shift_base <= 0 or ob.shift_reference_px <= 0:
+        raise ConfigError("objective: t_clamp must be in (0, 1), t_std, shift_base and shift_reference_px > 0")
+    for key in ("caption_dropout", "uniform_prob"):
+        if not 0 <= getattr(ob, key) <= 1:
+            raise ConfigError(f"objective.{key}: must be in [0, 1], got {getattr(ob, key)}")
+    if m.checkpoint.keep < 2:
+        raise ConfigError(f"checkpoint.keep: must be >= 2 so a valid checkpoint survives a crash during a save, got {m.checkpoint.keep}")
+    if m.checkpoint.interval_steps <= 0:
+        raise ConfigError(f"checkpoint.interval_steps: must be > 0, got {m.checkpoint.interval_steps}")
+    lg = m.logging
+    if lg.metrics_interval <= 0 or lg.sample_interval < 0 or lg.sample_steps <= 0:
+        raise ConfigError("logging: metrics_interval and sample_steps must be > 0, sample_interval >= 0")
+    if not lg.sample_prompts:
+        raise ConfigError("logging.sample_prompts: give at least one prompt")
+    if m.data.source == "webdataset" and not m.data.shards:
+        raise ConfigError("data.shards: required when data.source is 'webdataset'")
+    if m.losses.lpips.weight < 0 or m.losses.dino.weight < 0:
+        raise ConfigError("losses: weights must be >= 0")
+
+
+def dump_yaml(m: Manifest) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(m), sort_keys=False, default_flow_style=None)
+
+
+def load_resolved(path) -> Manifest:
+    """Read a manifest this project wrote itself (a run directory's manifest.yaml)."""
+    import yaml
+
+    with open(path) as f:
+        m = from_dict(Manifest, yaml.safe_load(f))
+    validate(m)
+    return m

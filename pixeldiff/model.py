@@ -1,0 +1,239 @@
+"""A diffusion transformer over raw pixel patches (JiT-style), read from the leaves up.
+
+The network is pure: (noisy image x_t, time t, text tokens) -> predicted clean image.
+Time sampling, noising, the loss and the samplers live in `objective.py`.
+
+- patch embedding with a bottleneck: linear p*p*3 -> bottleneck -> width
+- 2D RoPE on image tokens (integer patch-grid positions), QK RMSNorm
+- adaLN-zero modulation from the timestep only
+- text enters as extra keys/values that image queries attend to; text is never updated
+- final layer predicts the clean image, zero-initialised
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # one of PRESETS; the fields below override it
+    width: Optional[int] = None
+    depth: Optional[int] = None
+    heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    bottleneck: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    rope_theta: Optional[float] = None
+
+
+# Size presets. "JiT-32" is the speedrun's ~1.2B model (PRX: width 1792, depth 16, 28 heads,
+# patch 32 with a 256-wide bottleneck, gated MLP 3.5x).
+PRESETS: dict[str, dict] = {
+    "test": dict(width=32, depth=2, heads=2, patch_size=4, bottleneck=16, mlp_ratio=2.0, rope_theta=1e4),
+    "tiny": dict(width=128, depth=4, heads=4, patch_size=8, bottleneck=64, mlp_ratio=3.5, rope_theta=1e4),
+    "S/32": dict(width=384, depth=12, heads=6, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
+    "B/32": dict(width=768, depth=12, heads=12, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
+    "L/32": dict(width=1024, depth=24, heads=16, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
+    "JiT-32": dict(width=1792, depth=16, heads=28, patch_size=32, bottleneck=256, mlp_ratio=3.5, rope_theta=1e4),
+}
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """The preset with the overrides applied; every field filled in. Raises ValueError on a bad size."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    base = dict(PRESETS[cfg.preset])
+    for k in base:
+        if getattr(cfg, k) is not None:
+            base[k] = getattr(cfg, k)
+    out = replace(cfg, **base)
+    if out.width % out.heads:
+        raise ValueError(f"width {out.width} is not divisible by heads {out.heads}")
+    if (out.width // out.heads) % 4:
+        raise ValueError(f"head dim {out.width // out.heads} must be a multiple of 4 for 2D RoPE")
+    if min(out.width, out.depth, out.heads, out.patch_size, out.bottleneck) <= 0 or out.mlp_ratio <= 0:
+        raise ValueError("width, depth, heads, patch_size, bottleneck and mlp_ratio must be > 0")
+    return out
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)  # (B, N, p*p*C)
+
+
+def unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    B, N, _ = x.shape
+    x = x.reshape(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(B, 3, h * p, w * p)  # (B, 3, H, W)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1e4) -> torch.Tensor:
+    """Sinusoidal embedding of t*1000, t in [0, 1]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+def rope_2d(h: int, w: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for 2D RoPE: half the head dims rotate with the row, half with the column."""
+    quarter = head_dim // 4
+    freqs = 1.0 / theta ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    angles = torch.cat([ys.reshape(-1, 1) * freqs, xs.reshape(-1, 1) * freqs], dim=-1)  # (N, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, N, head_dim); rotate pairs (x[2i], x[2i+1])
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+# ------------------------------------------------------------------ blocks
+
+
+class Attention(nn.Module):
+    """Image queries attend over [text; image] keys/values. Text gives only K/V."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.text_kv = nn.Linear(width, 2 * width, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim)
+        self.k_norm = nn.RMSNorm(self.head_dim)
+        self.text_k_norm = nn.RMSNorm(self.head_dim)
+        self.proj = nn.Linear(width, width, bias=False)
+
+    def forward(self, x, text, attn_mask, cos, sin):
+        B, N, D = x.shape
+        L = text.shape[1]
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
+        tk, tv = self.text_kv(text).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        k = torch.cat([self.text_k_norm(tk), k], dim=2)  # (B, h, L+N, hd)
+        v = torch.cat([tv, v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.gelu(a, approximate="tanh") * b)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = GatedMLP(width, mlp_hidden)
+        self.modulation = nn.Linear(width, 6 * width)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x, c, text, attn_mask, cos, sin):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(F.silu(c)).chunk(6, dim=-1)  # each (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), text, attn_mask, cos, sin)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Linear(width, 2 * width)
+        self.linear = nn.Linear(width, out_dim)
+        for layer in (self.modulation, self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c):
+        shift, scale = self.modulation(F.silu(c)).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ------------------------------------------------------------------ network
+
+
+class PixelDiT(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int):
+        super().__init__()
+        cfg = resolve_model_config(cfg)
+        self.cfg, self.text_dim = cfg, text_dim
+        p, w = cfg.patch_size, cfg.width
+        self.patch_embed = nn.Sequential(nn.Linear(p * p * 3, cfg.bottleneck), nn.Linear(cfg.bottleneck, w))
+        self.t_embed = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
+        self.text_proj = nn.Linear(text_dim, w)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, int(w * cfg.mlp_ratio)) for _ in range(cfg.depth))
+        self.final = FinalLayer(w, p * p * 3)
+        self._rope_cache: dict = {}
+
+    def _rope(self, h: int, w: int, device: torch.device):
+        key = (h, w, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
+        return self._rope_cache[key]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) noisy image; t: (B,) in [0, 1]; text: (B, L, text_dim); text_mask: (B, L) bool."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        h, w = H // p, W // p
+        tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
+        c = self.t_embed(timestep_embedding(t))  # (B, D)
+        txt = self.text_proj(text)  # (B, L, D)
+        keep = torch.cat([text_mask.bool(), text_mask.new_ones(B, h * w, dtype=torch.bool)], dim=1)
+        attn_mask = keep[:, None, None, :]  # (B, 1, 1, L+N)
+        cos, sin = self._rope(h, w, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, c, txt, attn_mask, cos, sin)
+        return unpatchify(self.final(tokens, c), p, h, w)
+
+    # ----- accounting, shared by metrics (MFU) and the launcher's cost forecast
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self, resolution: int, text_len: int) -> float:
+        """Forward-pass FLOPs for one image (matmuls only; x3 for a training step)."""
+        return forward_flops(self.cfg, self.text_dim, resolution, text_len)
+
+
+def forward_flops(cfg: ModelConfig, text_dim: int, resolution: int, text_len: int) -> float:
+    cfg = resolve_model_config(cfg)
+    p, w, depth = cfg.patch_size, cfg.width, cfg.depth
+    n = (resolution // p) ** 2
+    hidden = int(w * cfg.mlp_ratio)
+    per_token_block = 4 * w * w + 3 * w * hidden  # qkv + proj, gated MLP
+    per_text_block = 2 * w * w
+    attn = 2 * n * (n + text_len) * w  # QK^T and AV
+    embed = n * (p * p * 3 * cfg.bottleneck + cfg.bottleneck * w + w * p * p * 3) + text_len * text_dim * w
+    mod = depth * 6 * w * w + 2 * w * w
+    return 2.0 * (embed + depth * (n * per_token_block + text_len * per_text_block + attn) + mod)

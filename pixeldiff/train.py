@@ -1,0 +1,318 @@
+"""The training job: restore, train through the stage schedule, checkpoint, stop cleanly.
+
+`run_job(run_dir)` is what every launcher (in-process, detached, Slurm) calls.
+Everything the job needs is in the run directory: `manifest.yaml` (resolved) and
+the latest valid checkpoint. Signals (SIGINT, SIGTERM, SIGUSR2) only set a flag;
+the loop notices it at the next step boundary, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pixeldiff import checkpoint
+from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
+from pixeldiff.data import SyntheticShapes
+from pixeldiff.ledger import append_event
+from pixeldiff.model import PixelDiT
+from pixeldiff.objective import XPrediction
+from pixeldiff.sample import render_grid
+from pixeldiff.schedule import StageSchedule, lr_at
+from pixeldiff.text import BuiltinTextEncoder
+
+
+class RunLocked(Exception):
+    """Another process is already running this run directory."""
+
+
+# ------------------------------------------------------------------ pieces
+
+
+class StopFlag:
+    """Set by signal handlers; read by the loop at step boundaries. Nothing else happens in a handler."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def install(self):
+        for s in self.SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def __bool__(self):
+        return self.signum is not None
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "unknown"
+
+
+def lock_run(run_dir: Path):
+    """Hold an exclusive lock on the run directory for the life of the job; RunLocked if taken."""
+    f = open(run_dir / "run.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise RunLocked(f"run {run_dir} is already running ({f.read().strip() or 'another process'})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def check_supported(m: Manifest) -> None:
+    """Features the manifest may name that this version cannot run yet: refuse before any work."""
+    if m.data.source != "synthetic":
+        raise ConfigError(f"data.source: {m.data.source!r} is not supported by this version yet; use 'synthetic' (--set data.source=synthetic)")
+    for name in ("lpips", "dino"):
+        if getattr(m.losses, name).weight > 0:
+            raise ConfigError(
+                f"losses.{name}.weight: perceptual losses are not available in this version yet; "
+                f"set it to 0 (--set losses.{name}.weight=0)"
+            )
+
+
+def pick_device(m: Manifest) -> torch.device:
+    if m.cluster.device == "cuda" or (m.cluster.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+    return torch.device("cpu")
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """All randomness of one optimizer step comes from here: resuming needs only the step."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    stage: int = 0
+    samples_seen: int = 0  # data position: samples consumed so far (all ranks)
+    rng: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "stage": self.stage, "samples_seen": self.samples_seen, "rng": self.rng}
+
+
+# ------------------------------------------------------------------ the job
+
+
+class Trainer:
+    def __init__(self, run_dir: Path, log=print):
+        self.run_dir, self.log = Path(run_dir), log
+        self.m = m = load_resolved(self.run_dir / "manifest.yaml")
+        check_supported(m)
+        self.device = pick_device(m)
+        self.schedule = StageSchedule.from_manifest(m)
+        self.ckpt_root = Path(m.checkpoint.dir) if m.checkpoint.dir else self.run_dir / "checkpoints"
+        self.encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)
+        null_text, null_mask = self.encoder.encode([""])
+        self.objective = XPrediction(m.objective, null_text[0], null_mask[0])
+        self.data = SyntheticShapes(m.data.seed)
+
+        torch.manual_seed(m.seed)
+        self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        o = m.optimizer
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.state = TrainState()
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+
+    # ----- checkpoints
+
+    def restore(self) -> bool:
+        path = checkpoint.latest_valid(self.ckpt_root, log=self.log)
+        if path is None:
+            return False
+        parts = checkpoint.load(path)
+        self.model.load_state_dict(parts["model"])
+        self.ema.load_state_dict(parts["ema"])
+        self.opt.load_state_dict(parts["optimizer"])
+        ts = parts["train_state"]
+        self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
+        torch.set_rng_state(ts["rng"]["torch"])
+        self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
+        return True
+
+    def save(self) -> None:
+        t0 = time.perf_counter()
+        self.state.rng = {"torch": torch.get_rng_state()}
+        meta = {"code_version": code_version(), "torch": torch.__version__, "python": platform.python_version(), "host": socket.gethostname()}
+        parts = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "train_state": self.state.to_dict(),
+        }
+        files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
+        path, nbytes = checkpoint.save(self.ckpt_root, self.state.step, parts, files, keep=self.m.checkpoint.keep)
+        blocked = time.perf_counter() - t0
+        self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
+
+    # ----- outputs
+
+    def event(self, kind: str, **fields) -> None:
+        append_event(self.run_dir / "ledger.jsonl", kind, **fields)
+
+    def write_metrics(self, record: dict) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_samples(self) -> Path:
+        lg, stage = self.m.logging, self.m.stages[self.state.stage]
+        out = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        render_grid(self.ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
+                    per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
+        return out
+
+    # ----- one optimizer step
+
+    def train_step(self) -> dict:
+        m, st = self.m, self.state
+        stage = m.stages[st.stage]
+        micro = stage.micro_batch or stage.global_batch  # one rank for now
+        accum = stage.global_batch // micro
+        gen = step_generator(m.seed, st.step)
+        lr = lr_at(st.step, m.optimizer)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(accum):
+            images, captions = self.data.batch(st.samples_seen, micro, stage.resolution)
+            st.samples_seen += micro
+            text, mask = self.encoder.encode(captions)
+            with self.autocast:
+                loss, _, _ = self.objective.loss(self.model, images.to(self.device), text.to(self.device), mask, gen)
+            (loss / accum).backward()
+            total += loss.item() / accum
+        clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        st.step += 1
+        if st.step % m.optimizer.ema_every == 0:
+            ema_update(self.ema, self.model, m.optimizer.ema_decay)
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+
+    # ----- the loop
+
+    def run(self, stop: StopFlag) -> str:
+        m, st = self.m, self.state
+        if not self.restore():
+            st.stage = self.schedule.stage_at(st.step)
+        self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
+                   restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)), nodes=1, gpus=1,
+                   nodelist=socket.gethostname(), device=str(self.device), step=st.step)
+        self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
+                 f"steps {st.step}/{self.schedule.total_steps}")
+        window_t, window_img, last_heartbeat = time.perf_counter(), 0, time.time()
+        reason = "finished"
+        while st.step < self.schedule.total_steps:
+            if stop:
+                reason = f"signal {signal.Signals(stop.signum).name}"
+                break
+            stage_idx = self.schedule.stage_at(st.step)
+            if stage_idx != st.stage:
+                self.event("stage_change", step=st.step, stage=m.stages[stage_idx].name, previous=m.stages[st.stage].name)
+                self.log(f"step {st.step}: stage {m.stages[st.stage].name} -> {m.stages[stage_idx].name}")
+                st.stage = stage_idx
+            stage = m.stages[st.stage]
+            t0 = time.perf_counter()
+            out = self.train_step()
+            window_img += stage.global_batch
+            if st.step % m.logging.metrics_interval == 0:
+                dt = time.perf_counter() - window_t
+                rec = {"step": st.step, "stage": stage.name, "resolution": stage.resolution, "loss": round(out["loss"], 6),
+                       "loss_mse": round(out["loss"], 6), "img_per_s": round(window_img / dt, 2),
+                       "step_time": round(time.perf_counter() - t0, 4), "lr": out["lr"], "grad_norm": round(out["grad_norm"], 4),
+                       "time": time.time()}
+                self.write_metrics(rec)
+                self.log(json.dumps(rec))
+                window_t, window_img = time.perf_counter(), 0
+            if time.time() - last_heartbeat > 60:
+                self.event("heartbeat", step=st.step)
+                last_heartbeat = time.time()
+            if st.step % m.checkpoint.interval_steps == 0:
+                self.save()
+            if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
+                self.write_samples()
+        if reason == "finished":
+            self.save()
+            out = self.write_samples()
+            self.log(f"finished at step {st.step}; samples: {out}")
+        else:
+            self.save()
+            self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
+        self.event("segment_end", reason=reason, step=st.step)
+        return reason
+
+
+def run_job(run_dir: Path, log=print) -> str:
+    """Entry point of a job on this machine. -> 'finished' or 'signal SIGTERM' etc."""
+    run_dir = Path(run_dir)
+    lock = lock_run(run_dir)
+    stop = StopFlag().install()
+    try:
+        return Trainer(run_dir, log=log).run(stop)
+    finally:
+        stop.restore()
+        lock.close()
+
+
+def main(argv=None) -> int:
+    """`python -m pixeldiff.train RUN_DIR`: the detached local job."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m pixeldiff.train RUN_DIR", file=sys.stderr)
+        return 2
+    try:
+        reason = run_job(Path(argv[0]), log=lambda s: print(s, flush=True))
+    except (ConfigError, RunLocked, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if reason == "finished" else 128 + int(signal.Signals[reason.split()[-1]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
