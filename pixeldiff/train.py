@@ -155,6 +155,7 @@ class Trainer:
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
+        self._saved_step = -1
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
@@ -171,11 +172,14 @@ class Trainer:
         self.opt.load_state_dict(parts["optimizer"])
         ts = parts["train_state"]
         self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
+        self._saved_step = self.state.step
         torch.set_rng_state(ts["rng"]["torch"])
         self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
         return True
 
     def save(self) -> None:
+        if self._saved_step == self.state.step:  # e.g. a signal right after an interval save
+            return
         t0 = time.perf_counter()
         self.state.rng = {"torch": torch.get_rng_state()}
         meta = {"code_version": code_version(), "torch": torch.__version__, "python": platform.python_version(), "host": socket.gethostname()}
@@ -187,6 +191,7 @@ class Trainer:
         }
         files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
         path, nbytes = checkpoint.save(self.ckpt_root, self.state.step, parts, files, keep=self.m.checkpoint.keep)
+        self._saved_step = self.state.step
         blocked = time.perf_counter() - t0
         self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
 
@@ -238,9 +243,9 @@ class Trainer:
     # ----- the loop
 
     def run(self, stop: StopFlag) -> str:
-        m, st = self.m, self.state
         if not self.restore():
-            st.stage = self.schedule.stage_at(st.step)
+            self.state.stage = self.schedule.stage_at(0)
+        m, st = self.m, self.state
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)), nodes=1, gpus=1,
                    nodelist=socket.gethostname(), device=str(self.device), step=st.step)

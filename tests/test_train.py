@@ -1,0 +1,206 @@
+"""The trainer end to end on the CPU: determinism, the stage switch, outputs, and resume after real signals."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_cli
+from launcher.cli import main as launch_main
+from pixeldiff import checkpoint
+from pixeldiff.ledger import read_jsonl
+from pixeldiff.train import run_job
+
+
+def run_local(manifest: Path, runs: Path, *extra) -> int:
+    return launch_main(["run", str(manifest), "--runs-dir", str(runs), *extra])
+
+
+def final_state(run_dir: Path) -> dict:
+    path = checkpoint.latest_valid(run_dir / "checkpoints")
+    return checkpoint.load(path)
+
+
+def assert_same_state(a: dict, b: dict):
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
+    assert a["train_state"]["step"] == b["train_state"]["step"]
+    assert a["train_state"]["samples_seen"] == b["train_state"]["samples_seen"]
+
+
+def test_two_fresh_runs_log_identical_losses_and_switch_stage(write_manifest, tmp_path):
+    manifest = write_manifest(steps=(12, 6))
+    assert run_local(manifest, tmp_path / "a") == 0
+    assert run_local(manifest, tmp_path / "b") == 0
+    la = read_jsonl(tmp_path / "a" / "tiny" / "metrics.jsonl")
+    lb = read_jsonl(tmp_path / "b" / "tiny" / "metrics.jsonl")
+    assert [r["step"] for r in la] == list(range(1, 19))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert len(set(r["loss"] for r in la)) > 10  # the losses really vary from step to step
+    for r in la:
+        assert {"step", "stage", "loss", "img_per_s", "lr"} <= r.keys()
+    assert [r["stage"] for r in la] == ["16px"] * 12 + ["32px"] * 6
+    assert [r["resolution"] for r in la][11:13] == [16, 32]
+
+    run_dir = tmp_path / "a" / "tiny"
+    events = read_jsonl(run_dir / "ledger.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "segment_start" and kinds[-1] == "segment_end"
+    assert events[-1]["reason"] == "finished"
+    (change,) = [e for e in events if e["event"] == "stage_change"]
+    assert change["step"] == 12 and change["stage"] == "32px"
+    saved = [e["step"] for e in events if e["event"] == "checkpoint_saved"]
+    assert saved == [10, 18]
+    grid = Image.open(run_dir / "samples" / "step-00000018.png")
+    assert grid.size[1] > 32 and grid.mode == "RGB"  # one row of 4 upscaled 32 px samples
+    assert "a red circle on black" in (run_dir / "samples" / "step-00000018.txt").read_text()
+
+
+def test_different_seed_gives_different_losses(write_manifest, tmp_path):
+    assert run_local(write_manifest(steps=(3, 1)), tmp_path / "a") == 0
+    assert run_local(write_manifest(steps=(3, 1), seed=1), tmp_path / "b") == 0
+    la = read_jsonl(tmp_path / "a" / "tiny" / "metrics.jsonl")
+    lb = read_jsonl(tmp_path / "b" / "tiny" / "metrics.jsonl")
+    assert [r["loss"] for r in la] != [r["loss"] for r in lb]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-to-group", "SIGTERM-twice"])
+def test_interrupted_run_resumes_to_bit_identical_weights(write_manifest, tmp_path, how):
+    """Stop a real `pixeldiff-launch run` process at a random step, run again: same weights as uninterrupted."""
+    manifest = write_manifest(steps=(150, 40))
+    stop_at = random.Random(how).randint(15, 120)
+
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "cut")],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "cut" / "tiny" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_jsonl(metrics)
+        if rows and rows[-1]["step"] >= stop_at:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
+    if how == "SIGINT-to-group":  # what Ctrl-C in a terminal does
+        os.killpg(proc.pid, signal.SIGINT)
+        expected = 128 + signal.SIGINT
+    else:
+        proc.send_signal(signal.SIGTERM)
+        if how == "SIGTERM-twice":
+            proc.send_signal(signal.SIGTERM)
+        expected = 128 + signal.SIGTERM
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == expected, out
+    assert "Traceback" not in out
+    run_dir = tmp_path / "cut" / "tiny"
+    stopped = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    assert stopped["event"] == "segment_end" and stopped["reason"].startswith("signal")
+    assert stopped["step"] >= stop_at and stopped["step"] < 190
+    assert checkpoint.latest_valid(run_dir / "checkpoints").name == f"step-{stopped['step']:08d}"
+
+    # run the same command again: it resumes and finishes
+    again = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "cut"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from" in again.stdout and f"at step {stopped['step']}" in again.stdout
+
+    assert run_local(manifest, tmp_path / "whole") == 0
+    assert_same_state(final_state(run_dir), final_state(tmp_path / "whole" / "tiny"))
+    # the logged losses after the resume are those of the uninterrupted run
+    cut = {r["step"]: r["loss"] for r in read_jsonl(metrics)}
+    whole = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "whole" / "tiny" / "metrics.jsonl")}
+    assert cut == whole
+
+
+def test_resume_ignores_a_partial_checkpoint(write_manifest, tmp_path, capsys):
+    manifest = write_manifest(steps=(20, 0 + 5))
+    assert run_local(manifest, tmp_path) == 0
+    ckpts = tmp_path / "tiny" / "checkpoints"
+    valid, _ = checkpoint.list_checkpoints(ckpts)
+    assert [p.name for p in valid] == ["step-00000020", "step-00000025"]  # keep 2
+    # a save that died before its marker, newer than every valid one
+    partial = checkpoint.step_dir(ckpts, 99)
+    partial.mkdir()
+    (partial / "model.pt").write_bytes(b"torn")
+    capsys.readouterr()
+    assert run_local(manifest, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "ignoring incomplete checkpoint" in out and "step-00000099" in out
+    assert "resumed from" in out and "step-00000025" in out
+
+
+def test_rerun_with_a_changed_manifest_is_refused(write_manifest, tmp_path, capsys):
+    assert run_local(write_manifest(steps=(2, 1)), tmp_path) == 0
+    capsys.readouterr()
+    assert run_local(write_manifest(steps=(2, 1)), tmp_path, "--set", "optimizer.lr=0.5") == 2
+    err = capsys.readouterr().err
+    assert "optimizer.lr" in err and "--set name=tiny-2" in err
+
+
+def test_a_running_run_is_not_started_twice(write_manifest, tmp_path):
+    manifest = write_manifest(steps=(2, 1))
+    assert run_local(manifest, tmp_path) == 0
+    from pixeldiff.train import lock_run
+
+    held = lock_run(tmp_path / "tiny")  # as a running job holds it
+    try:
+        r = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path))
+    finally:
+        held.close()
+    assert r.returncode == 2 and "already running" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_detached_run_finishes_in_the_background(write_manifest, tmp_path):
+    manifest = write_manifest(steps=(5, 2))
+    r = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path), "--detach")
+    assert r.returncode == 0, r.stderr
+    assert "job running in the background" in r.stdout
+    ledger = tmp_path / "tiny" / "ledger.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        events = read_jsonl(ledger)
+        if events and events[-1]["event"] == "segment_end":
+            break
+        time.sleep(0.2)
+    assert events[-1]["reason"] == "finished"
+    assert list((tmp_path / "tiny" / "jobs").glob("local-*.log"))
+
+
+def test_sample_command_writes_a_grid(write_manifest, tmp_path):
+    assert run_local(write_manifest(steps=(3, 1)), tmp_path) == 0
+    out = tmp_path / "grid.png"
+    r = run_cli("pixeldiff.sample", str(tmp_path / "tiny"), "--prompt", "a red circle on black", "--prompt",
+                "a blue square on white", "--out", str(out), "--steps", "3", "--cfg", "2", "--per-prompt", "3",
+                "--sampler", "heun")
+    assert r.returncode == 0, r.stderr
+    img = Image.open(out)
+    w, h = img.size
+    assert w > h  # 2 rows x 3 columns
+    assert "32 px" in r.stdout and "step 4" in r.stdout
+    bad = run_cli("pixeldiff.sample", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_shipped_dryrun_manifest_runs_shortened(tmp_path):
+    """The quick-start manifest itself, with fewer steps so the suite stays fast."""
+    r = run_cli("launcher.cli", "run", str(REPO / "manifests" / "dryrun.yaml"), "--runs-dir", str(tmp_path),
+                "--set", "stages[0].steps=4", "--set", "stages[1].steps=2", "--set", "logging.sample_steps=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = tmp_path / "dryrun"
+    assert (run_dir / "manifest.yaml").exists() and (run_dir / "plan.json").exists()
+    assert json.loads((run_dir / "plan.json").read_text())["total_steps"] == 6
+    assert (run_dir / "samples" / "step-00000006.png").exists()
+    assert checkpoint.latest_valid(run_dir / "checkpoints").name == "step-00000006"
