@@ -14,6 +14,29 @@ import yaml
 from pixeldiff.config import ConfigError, Manifest, from_dict, validate
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:
+            continue  # unhashable key: SafeLoader's own check reports it
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def read_yaml(path: Path) -> dict:
     path = Path(path)
     try:
@@ -23,11 +46,11 @@ def read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read the manifest ({e})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e)
+        problem = "; ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         if "constructor" in problem or "tag" in problem:
             problem += " (YAML tags that construct objects are not allowed in a manifest; write plain values)"
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None

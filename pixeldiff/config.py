@@ -10,12 +10,17 @@ live in `validate`, so one call checks everything at the edge.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from pixeldiff.model import ModelConfig
+
+
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -94,7 +99,7 @@ class OptimizerConfig:
 
 @dataclass
 class TextConfig:
-    encoder: Literal["builtin"] = "builtin"
+    encoder: Literal["builtin", "precomputed"] = "builtin"  # precomputed: emb.npy/mask.npy in the shards
     max_tokens: int = 16
     dim: int = 64
 
@@ -209,8 +214,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected int, got {_got(value)}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as text; everyone means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {_got(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -308,6 +317,10 @@ def validate(m: Manifest) -> None:
         raise ConfigError("optimizer: lr must be > 0, warmup_steps >= 0, grad_clip >= 0, ema_decay in [0, 1), ema_every >= 1")
     if len(o.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers, got {o.betas}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optimizer.betas: each must be in [0, 1), got {o.betas}")
+    if o.eps < 0 or o.weight_decay < 0:
+        raise ConfigError(f"optimizer: eps and weight_decay must be >= 0, got {o.eps} and {o.weight_decay}")
     ob = m.objective
     if not 0 < ob.t_clamp < 1 or ob.t_std <= 0 or ob.shift_base <= 0 or ob.shift_reference_px <= 0:
         raise ConfigError("objective: t_clamp must be in (0, 1), t_std, shift_base and shift_reference_px > 0")

@@ -54,12 +54,12 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
         if getattr(cfg, k) is not None:
             base[k] = getattr(cfg, k)
     out = replace(cfg, **base)
+    if min(out.width, out.depth, out.heads, out.patch_size, out.bottleneck) <= 0 or out.mlp_ratio <= 0:
+        raise ValueError("width, depth, heads, patch_size, bottleneck and mlp_ratio must be > 0")
     if out.width % out.heads:
         raise ValueError(f"width {out.width} is not divisible by heads {out.heads}")
     if (out.width // out.heads) % 4:
         raise ValueError(f"head dim {out.width // out.heads} must be a multiple of 4 for 2D RoPE")
-    if min(out.width, out.depth, out.heads, out.patch_size, out.bottleneck) <= 0 or out.mlp_ratio <= 0:
-        raise ValueError("width, depth, heads, patch_size, bottleneck and mlp_ratio must be > 0")
     return out
 
 

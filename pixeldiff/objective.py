@@ -36,24 +36,24 @@ class XPrediction:
         return self.cfg.shift_base * resolution / self.cfg.shift_reference_px
 
     def sample_t(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
-        c = self.cfg
-        t = torch.sigmoid(c.t_mean + c.t_std * torch.randn(batch, generator=generator))
-        uniform = torch.rand(batch, generator=generator)
-        t = torch.where(torch.rand(batch, generator=generator) < c.uniform_prob, uniform, t)
+        c, dev = self.cfg, generator.device
+        t = torch.sigmoid(c.t_mean + c.t_std * torch.randn(batch, generator=generator, device=dev))
+        uniform = torch.rand(batch, generator=generator, device=dev)
+        t = torch.where(torch.rand(batch, generator=generator, device=dev) < c.uniform_prob, uniform, t)
         return shift_time(t, self.shift(resolution)).clamp(1e-3, 1 - 1e-3)
 
     def drop_captions(self, text, mask, generator):
         B = text.shape[0]
-        drop = torch.rand(B, generator=generator) < self.cfg.caption_dropout
+        drop = (torch.rand(B, generator=generator, device=generator.device) < self.cfg.caption_dropout).to(text.device)
         text = torch.where(drop[:, None, None], self.null_text.to(text), text)
         mask = torch.where(drop[:, None], self.null_mask.to(mask.device), mask)
         return text, mask
 
     def loss(self, model, x0, text, mask, generator: torch.Generator):
-        """-> (loss, x0_hat, t). Random draws come from `generator` (CPU) so runs are reproducible."""
+        """-> (loss, x0_hat, t). Random draws come from `generator` (on x0's device) so runs are reproducible."""
         B, _, H, W = x0.shape
         t = self.sample_t(B, H, generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         text, mask = self.drop_captions(text, mask.to(x0.device), generator)
         tb = t[:, None, None, None]
         xt = (1 - tb) * x0 + tb * eps

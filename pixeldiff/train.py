@@ -111,9 +111,9 @@ def pick_device(m: Manifest) -> torch.device:
     return torch.device("cpu")
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """All randomness of one optimizer step comes from here: resuming needs only the step."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 
 @torch.no_grad()
@@ -218,7 +218,7 @@ class Trainer:
         stage = m.stages[st.stage]
         micro = stage.micro_batch or stage.global_batch  # one rank for now
         accum = stage.global_batch // micro
-        gen = step_generator(m.seed, st.step)
+        gen = step_generator(m.seed, st.step, self.device)
         lr = lr_at(st.step, m.optimizer)
         for group in self.opt.param_groups:
             group["lr"] = lr

@@ -1,0 +1,116 @@
+"""Benchmark one training step of the pixel DiT: eager (the baseline) vs torch.compile.
+
+    python tools/bench_step.py --preset JiT-32 --res 512:32 --res 1024:8 --text-len 256 --text-dim 2304
+    python tools/bench_step.py --preset tiny --res 32:32 --res 64:32          # CPU
+
+Each row times full optimizer steps (x-prediction loss, backward, grad clip, AdamW;
+bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
+eager baseline measured in the same run, and model FLOPs utilisation against --peak-tflops.
+Perceptual losses (LPIPS, DINOv2) are not included yet. `--calibration FILE` writes the
+measured img/s per GPU per resolution as JSON for the planner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pixeldiff.config import ObjectiveConfig  # noqa: E402
+from pixeldiff.model import ModelConfig, PixelDiT  # noqa: E402
+from pixeldiff.objective import XPrediction  # noqa: E402
+
+
+def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast):
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.rand(batch, 3, res, res, generator=g, device=device).mul(2).sub(1)
+    text = torch.randn(batch, text_len, text_dim, generator=g, device=device)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=device)
+    mask[:, text_len // 2:] = False  # half padding, as real captions have
+
+    def step():
+        with autocast:
+            loss, _, _ = objective.loss(model, x0, text, mask, g)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return batch / dt, dt, warm_s, mem
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--res", action="append", default=None, help="RESOLUTION:MICRO_BATCH, repeatable")
+    ap.add_argument("--text-len", type=int, default=8)
+    ap.add_argument("--text-dim", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak, for MFU (H100 989, H200 989)")
+    ap.add_argument("--calibration", help="write measured img/s per GPU per resolution here (JSON)")
+    args = ap.parse_args(argv)
+    pairs = [tuple(int(v) for v in r.split(":")) for r in (args.res or ["32:32", "64:32"])]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
+    header = f"{'mode':<8}{'res':>6}{'batch':>6}{'img/s':>10}{'step s':>9}{'vs eager':>9}{'MFU':>7}{'warmup s':>9}{'GiB':>7}"
+    print(header)
+    print("-" * len(header), flush=True)
+    base: dict = {}
+    calib: dict = {}
+    for mode in args.modes.split(","):
+        torch.manual_seed(0)
+        model = PixelDiT(ModelConfig(args.preset), args.text_dim).to(device)
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+        objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
+        net = torch.compile(model) if mode == "compile" else model
+        for res, batch in pairs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            ips, dt, warm_s, mem = bench(net, objective, opt, res, batch, args.text_len, args.text_dim, device,
+                                         args.steps, args.warmup, autocast)
+            if mode == "eager":
+                base[res] = ips
+            ratio = f"{ips / base[res]:.2f}x" if res in base else "-"
+            mfu = "-"
+            if args.peak_tflops:
+                mfu = f"{3 * model.flops_per_sample(res, args.text_len) * ips / (args.peak_tflops * 1e12):.1%}"
+            calib[str(res)] = max(calib.get(str(res), 0), ips)
+            print(f"{mode:<8}{res:>6}{batch:>6}{ips:>10.1f}{dt:>9.3f}{ratio:>9}{mfu:>7}{warm_s:>9.1f}{mem:>7.1f}", flush=True)
+        del model, net, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with torch.device("meta"):
+        print(f"params: {PixelDiT(ModelConfig(args.preset), args.text_dim).num_params() / 1e6:.1f}M")
+    if args.calibration:
+        Path(args.calibration).write_text(json.dumps({"device": name, "preset": args.preset, "img_per_s_per_gpu": calib}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
