@@ -96,8 +96,8 @@ def main(argv=None):
             ips, dt, warm_s, mem = bench(net, objective, opt, res, batch, args.text_len, args.text_dim, device,
                                          args.steps, args.warmup, autocast)
             if mode == "eager":
-                base[res] = ips
-            ratio = f"{ips / base[res]:.2f}x" if res in base else "-"
+                base[res, batch] = ips
+            ratio = f"{ips / base[res, batch]:.2f}x" if (res, batch) in base else "-"
             mfu = "-"
             if args.peak_tflops:
                 mfu = f"{3 * model.flops_per_sample(res, args.text_len) * ips / (args.peak_tflops * 1e12):.1%}"
