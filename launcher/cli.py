@@ -97,12 +97,16 @@ def cmd_run(args) -> int:
         print(f"job running in the background: pid {proc.pid}, log {log}")
         print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
         return 0
+    from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, run_job
 
     try:
         reason = run_job(run_dir, log=lambda s: print(s, flush=True))
     except RunLocked as e:
         raise UsageError(f"{e}; wait for it or stop it first") from None
+    except DataError as e:
+        print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
+        return 1
     if reason == "finished":
         return 0
     import signal

@@ -105,10 +105,27 @@ class TextConfig:
 
 
 @dataclass
+class S3Config:
+    endpoint_url: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO; default AWS (or $AWS_ENDPOINT_URL)
+    profile: Optional[str] = None  # an AWS profile name; credentials always come from the environment/profile
+    anon: bool = False  # anonymous access to a public bucket
+
+
+@dataclass
 class DataConfig:
     source: Literal["synthetic", "webdataset"] = "synthetic"
-    shards: Optional[str] = None  # webdataset only
+    shards: Union[str, list[str], None] = None  # brace pattern, list of URLs, or a file listing them
     seed: int = 0
+    workers: int = 4  # DataLoader worker processes per rank (0 = read in the training process)
+    prefetch: int = 4  # batches prefetched per worker
+    flip: bool = False  # random horizontal flips
+    small_images: Literal["upscale", "skip"] = "upscale"  # images smaller than the stage resolution
+    max_pixels: int = 100_000_000  # larger images are skipped (decompression bombs)
+    max_bad_fraction: float = 0.05  # the run fails when more of the samples than this are bad
+    retries: int = 4  # per shard, for transient read errors, with exponential backoff
+    retry_backoff_s: float = 0.5
+    block_size_mb: int = 8  # read size for remote shards
+    s3: S3Config = field(default_factory=S3Config)
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -336,8 +353,17 @@ def validate(m: Manifest) -> None:
         raise ConfigError("logging: metrics_interval and sample_steps must be > 0, sample_interval >= 0")
     if not lg.sample_prompts:
         raise ConfigError("logging.sample_prompts: give at least one prompt")
-    if m.data.source == "webdataset" and not m.data.shards:
-        raise ConfigError("data.shards: required when data.source is 'webdataset'")
+    d = m.data
+    if d.source == "webdataset" and not d.shards:
+        raise ConfigError("data.shards: required when data.source is 'webdataset' (e.g. s3://bucket/train-{000000..000099}.tar)")
+    if d.source == "synthetic" and d.text.encoder != "builtin":
+        raise ConfigError("data.text.encoder: synthetic data has no precomputed embeddings; use 'builtin'")
+    if d.workers < 0 or d.prefetch < 1 or d.retries < 0 or d.retry_backoff_s < 0 or d.block_size_mb < 1:
+        raise ConfigError("data: workers and retries must be >= 0, prefetch and block_size_mb >= 1, retry_backoff_s >= 0")
+    if d.max_pixels <= 0 or not 0 <= d.max_bad_fraction <= 1:
+        raise ConfigError(f"data: max_pixels must be > 0 and max_bad_fraction in [0, 1], got {d.max_pixels} and {d.max_bad_fraction}")
+    if d.text.max_tokens < 1 or d.text.dim < 1:
+        raise ConfigError(f"data.text: max_tokens and dim must be >= 1, got {d.text.max_tokens} and {d.text.dim}")
     if m.losses.lpips.weight < 0 or m.losses.dino.weight < 0:
         raise ConfigError("losses: weights must be >= 0")
 

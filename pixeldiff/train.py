@@ -32,6 +32,7 @@ from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.sample import render_grid
 from pixeldiff.schedule import StageSchedule, lr_at
+from pixeldiff.shards import DataError, ShardSource
 from pixeldiff.text import BuiltinTextEncoder
 
 
@@ -95,8 +96,6 @@ def lock_run(run_dir: Path):
 
 def check_supported(m: Manifest) -> None:
     """Features the manifest may name that this version cannot run yet: refuse before any work."""
-    if m.data.source != "synthetic":
-        raise ConfigError(f"data.source: {m.data.source!r} is not supported by this version yet; use 'synthetic' (--set data.source=synthetic)")
     for name in ("lpips", "dino"):
         if getattr(m.losses, name).weight > 0:
             raise ConfigError(
@@ -145,9 +144,16 @@ class Trainer:
         self.schedule = StageSchedule.from_manifest(m)
         self.ckpt_root = Path(m.checkpoint.dir) if m.checkpoint.dir else self.run_dir / "checkpoints"
         self.encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)
-        null_text, null_mask = self.encoder.encode([""])
+        if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
+            null_text, null_mask = torch.zeros(1, m.data.text.max_tokens, m.data.text.dim), torch.zeros(1, m.data.text.max_tokens, dtype=torch.bool)
+        else:
+            null_text, null_mask = self.encoder.encode([""])
         self.objective = XPrediction(m.objective, null_text[0], null_mask[0])
-        self.data = SyntheticShapes(m.data.seed)
+        if m.data.source == "synthetic":
+            self.data = SyntheticShapes(m.data.seed)
+        else:
+            self.data = ShardSource(m.data, m.data.text, pin_memory=self.device.type == "cuda")
+        self._batches, self._batches_key = None, None
 
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
@@ -172,6 +178,8 @@ class Trainer:
         self.opt.load_state_dict(parts["optimizer"])
         ts = parts["train_state"]
         self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
+        if isinstance(self.data, ShardSource):
+            self.data.load_state_dict(ts["data"])
         self._saved_step = self.state.step
         torch.set_rng_state(ts["rng"]["torch"])
         self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
@@ -187,7 +195,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "train_state": self.state.to_dict(),
+            "train_state": {**self.state.to_dict(),
+                            **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})},
         }
         files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
         path, nbytes = checkpoint.save(self.ckpt_root, self.state.step, parts, files, keep=self.m.checkpoint.keep)
@@ -211,6 +220,32 @@ class Trainer:
                     per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
         return out
 
+    # ----- data
+
+    def next_batch(self, resolution: int, micro: int):
+        """-> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), all on the device."""
+        st, dev = self.state, self.device
+        if isinstance(self.data, SyntheticShapes):
+            images, captions = self.data.batch(st.samples_seen, micro, resolution)
+            st.samples_seen += micro
+            text, mask = self.encoder.encode(captions)
+            return images.to(dev), text.to(dev), mask.to(dev)
+        if self._batches_key != (resolution, micro):  # a new stage: new loader from the consumed position
+            self.close_data()
+            self._batches, self._batches_key = self.data.batches(resolution, micro), (resolution, micro)
+        b = next(self._batches)
+        st.samples_seen += micro
+        images = b["image"].to(dev, non_blocking=True).float().div_(127.5).sub_(1)
+        if "emb" in b:
+            return images, b["emb"].to(dev, non_blocking=True), b["mask"].to(dev, non_blocking=True)
+        text, mask = self.encoder.encode(b["caption"])
+        return images, text.to(dev), mask.to(dev)
+
+    def close_data(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+            self._batches, self._batches_key = None, None
+
     # ----- one optimizer step
 
     def train_step(self) -> dict:
@@ -224,11 +259,9 @@ class Trainer:
             group["lr"] = lr
         total = 0.0
         for _ in range(accum):
-            images, captions = self.data.batch(st.samples_seen, micro, stage.resolution)
-            st.samples_seen += micro
-            text, mask = self.encoder.encode(captions)
+            images, text, mask = self.next_batch(stage.resolution, micro)
             with self.autocast:
-                loss, _, _ = self.objective.loss(self.model, images.to(self.device), text.to(self.device), mask, gen)
+                loss, _, _ = self.objective.loss(self.model, images, text, mask, gen)
             (loss / accum).backward()
             total += loss.item() / accum
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
@@ -245,18 +278,34 @@ class Trainer:
     def run(self, stop: StopFlag) -> str:
         if not self.restore():
             self.state.stage = self.schedule.stage_at(0)
-        m, st = self.m, self.state
+        st = self.state
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)), nodes=1, gpus=1,
                    nodelist=socket.gethostname(), device=str(self.device), step=st.step)
-        self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
+        self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
+        try:
+            self.loop(stop)
+        except DataError as e:
+            self.event("segment_end", reason=f"failed: {e}", step=st.step)
+            raise
+        finally:
+            self.close_data()
+        self.save()
+        if stop:
+            reason = f"signal {signal.Signals(stop.signum).name}"
+            self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
+        else:
+            reason = "finished"
+            self.log(f"finished at step {st.step}; samples: {self.write_samples()}")
+        self.event("segment_end", reason=reason, step=st.step)
+        return reason
+
+    def loop(self, stop: StopFlag) -> None:
+        """Train until the schedule ends or a stop is requested (checked at step boundaries)."""
+        m, st = self.m, self.state
         window_t, window_img, last_heartbeat = time.perf_counter(), 0, time.time()
-        reason = "finished"
-        while st.step < self.schedule.total_steps:
-            if stop:
-                reason = f"signal {signal.Signals(stop.signum).name}"
-                break
+        while st.step < self.schedule.total_steps and not stop:
             stage_idx = self.schedule.stage_at(st.step)
             if stage_idx != st.stage:
                 self.event("stage_change", step=st.step, stage=m.stages[stage_idx].name, previous=m.stages[st.stage].name)
@@ -272,6 +321,8 @@ class Trainer:
                        "loss_mse": round(out["loss"], 6), "img_per_s": round(window_img / dt, 2),
                        "step_time": round(time.perf_counter() - t0, 4), "lr": out["lr"], "grad_norm": round(out["grad_norm"], 4),
                        "time": time.time()}
+                if isinstance(self.data, ShardSource):
+                    rec["bad_samples"] = self.data.bad_samples()
                 self.write_metrics(rec)
                 self.log(json.dumps(rec))
                 window_t, window_img = time.perf_counter(), 0
@@ -282,15 +333,6 @@ class Trainer:
                 self.save()
             if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
                 self.write_samples()
-        if reason == "finished":
-            self.save()
-            out = self.write_samples()
-            self.log(f"finished at step {st.step}; samples: {out}")
-        else:
-            self.save()
-            self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
-        self.event("segment_end", reason=reason, step=st.step)
-        return reason
 
 
 def run_job(run_dir: Path, log=print) -> str:
@@ -316,6 +358,9 @@ def main(argv=None) -> int:
     except (ConfigError, RunLocked, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
+        return 1
     return 0 if reason == "finished" else 128 + int(signal.Signals[reason.split()[-1]])
 
 

@@ -173,7 +173,7 @@ CASES = [
      r"^objective\.caption_dropout: must be in \[0, 1\], got 1\.5$"),
     ("checkpoint-keep", MINIMAL + "checkpoint: {keep: 1}\n", r"^checkpoint\.keep: must be >= 2 .*got 1$"),
     ("sample-prompts", MINIMAL + "logging: {sample_prompts: []}\n", r"^logging\.sample_prompts: give at least one prompt$"),
-    ("shards", MINIMAL + "data: {source: webdataset}\n", r"^data\.shards: required when data\.source is 'webdataset'$"),
+    ("shards", MINIMAL + "data: {source: webdataset}\n", r"^data\.shards: required when data\.source is 'webdataset' \(e\.g\. s3://"),
     ("loss-weight", MINIMAL + "losses: {dino: {weight: -1}}\n", r"^losses: weights must be >= 0$"),
     # unreadable or invalid YAML: the file, the line
     ("yaml-tab", "name: t\ncluster:\n\tbackend: local\n", r"^{file}, line 3, column 1: invalid YAML: .*found character '\\t' that cannot start any token"),

@@ -1,0 +1,174 @@
+"""The shard pipeline with real tar files: order, resume, and every kind of bad data."""
+
+import itertools
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from pixeldiff.config import DataConfig, TextConfig
+from pixeldiff.shards import (Bad, DataError, Position, ReadOptions, ShardSource, read_shard, epoch_order, expand_braces, relayout, shard_list,
+                              stream_shards)
+from shardutil import image_bytes, sample_members, write_shards, write_tar
+
+
+def source(shards, workers=0, world=1, rank=0, text=None, **kw) -> ShardSource:
+    cfg = DataConfig(source="webdataset", shards=shards, workers=workers, prefetch=2, retries=1, retry_backoff_s=0.01, **kw)
+    return ShardSource(cfg, text or TextConfig(), rank=rank, world=world)
+
+
+def take_keys(src: ShardSource, n_batches: int, res=16, micro=4) -> list[str]:
+    it = src.batches(res, micro)
+    keys = [k for b in itertools.islice(it, n_batches) for k in b["key"]]
+    it.close()
+    return keys
+
+
+def test_brace_patterns_and_list_files(tmp_path):
+    assert expand_braces("s3://b/train-{000..002}.tar") == [f"s3://b/train-00{i}.tar" for i in range(3)]
+    assert expand_braces("a{1..2}-{08..10}.tar") == ["a1-08.tar", "a1-09.tar", "a1-10.tar", "a2-08.tar", "a2-09.tar", "a2-10.tar"]
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# comment\n/x/a.tar\n/x/b-{0..1}.tar\n\n")
+    assert shard_list(str(listing)) == ["/x/a.tar", "/x/b-0.tar", "/x/b-1.tar"]
+    assert shard_list(["/y/{1..2}.tar", "/z.tar"]) == ["/y/1.tar", "/y/2.tar", "/z.tar"]
+    with pytest.raises(DataError, match="backwards"):
+        expand_braces("x{5..1}.tar")
+
+
+def test_streams_partition_each_epoch_and_epochs_differ():
+    n, streams = 23, 4
+    for epoch in range(3):
+        parts = [stream_shards(n, 7, epoch, s, streams) for s in range(streams)]
+        assert sorted(i for p in parts for i in p) == list(range(n))
+    assert epoch_order(n, 7, 0) != epoch_order(n, 7, 1)
+    assert epoch_order(n, 7, 0) == epoch_order(n, 7, 0)
+
+
+def test_reads_every_sample_once_per_epoch_resized_and_deterministic(tmp_path):
+    keys = write_shards(tmp_path, n_shards=4, per_shard=6)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    src = source(pattern, workers=2)
+    it = src.batches(16, 4)
+    batch = next(it)
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].dtype == torch.uint8
+    assert batch["caption"][0].startswith("sample s")
+    got = batch["key"] + [k for b in itertools.islice(it, 5) for k in b["key"]]
+    it.close()
+    assert sorted(got) == sorted(keys)  # 24 samples = one epoch, each exactly once
+    assert got == take_keys(source(pattern, workers=2), 6)  # same manifest, same order
+
+
+def test_resume_continues_exactly_with_same_layout(tmp_path):
+    write_shards(tmp_path, n_shards=4, per_shard=5)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    whole = take_keys(source(pattern, workers=2), 12)  # 48 samples: into the third epoch
+    first = source(pattern, workers=2)
+    head = take_keys(first, 5)
+    state = first.state_dict()
+    second = source(pattern, workers=2)
+    second.load_state_dict(state)
+    tail = take_keys(second, 7)
+    assert head + tail == whole
+
+
+def test_resume_with_a_different_layout_skips_nothing(tmp_path):
+    keys = write_shards(tmp_path, n_shards=6, per_shard=4)
+    pattern = str(tmp_path / "train-{000..005}.tar")
+    first = source(pattern, workers=2)
+    head = take_keys(first, 3, micro=2)  # 6 samples, in the middle of a shard per stream
+    state = first.state_dict()
+    second = source(pattern, workers=3)  # 3 streams instead of 2
+    second.load_state_dict(state)
+    # the epoch's remaining shards, dealt to 3 streams from the start of each shard
+    left = [i for p in second.positions.values() for i in p.remaining]
+    assert len(left) <= 6 - 0 and len(set(left)) == len(left)
+    epoch0 = (24 - len(head)) + 2 * 4  # worst case: the rest plus one partial shard per old stream
+    tail = take_keys(second, (epoch0 + 1) // 2 + 6, micro=2)
+    seen = set(head) | set(tail)
+    assert seen == set(keys), "a sample of the epoch was skipped"
+    replayed = {k for k in tail[: 4 * len(left)] if k in head}
+    assert len(replayed) <= 2 * 3  # only the partly read shards of the 2 old streams are read again
+
+
+def test_relayout_drops_finished_shards():
+    old = {0: Position(0, 2, 1).as_list(), 1: Position(1, 0, 0).as_list()}  # stream 1 finished epoch 0
+    new = relayout(old, 2, 3, 10, seed=0)
+    left = sorted(i for p in new.values() for i in p.remaining)
+    s0 = stream_shards(10, 0, 0, 0, 2)
+    expected = sorted(set(s0[2:]))  # stream 0 still owes its shards from index 2 (incl. the partial one)
+    assert left == expected and all(p.epoch == 0 for p in new.values())
+
+
+def test_bad_data_is_skipped_counted_and_logged_once(tmp_path, capfd):
+    good = write_shards(tmp_path, n_shards=1, per_shard=4, prefix="good")
+    members = []
+    members += sample_members("ok1", 1)
+    members += [("corrupt.jpg", b"\xff\xd8 not a jpeg"), ("corrupt.txt", b"x")]
+    members += [("corrupt2.jpg", b"garbage"), ("corrupt2.txt", b"x")]
+    members += [("nocap.jpg", image_bytes(2))]
+    members += [("notimg.txt", b"just text"), ("notimg.json", b"{}")]
+    members += [("bomb.png", image_bytes(3, size=(400, 300), fmt="PNG")), ("bomb.txt", b"big")]
+    members += sample_members("ok2", 4, ext="png")
+    write_tar(tmp_path / "mixed.tar", members)
+    write_tar(tmp_path / "empty.tar", [])
+    trunc = write_tar(tmp_path / "trunc.tar", sample_members("t1", 5) + sample_members("t2", 6) + sample_members("t3", 7))
+    trunc.write_bytes(trunc.read_bytes()[:2000])
+    shards = [str(tmp_path / n) for n in ("good-000.tar", "mixed.tar")]
+    src = source(shards, workers=0, max_pixels=100_000, max_bad_fraction=1.0)
+    keys = take_keys(src, 3, micro=2)  # the 6 good samples: exactly one epoch
+    assert src.bad_samples() == {"corrupt_image": 2, "missing_caption": 1, "not_image": 1, "too_large": 1}
+    assert set(keys) == set(good) | {"ok1", "ok2"}
+    err = capfd.readouterr().err
+    assert err.count("corrupt_image") == 1 and "mixed.tar" in err  # logged once per shard and kind
+
+    # whole-shard problems: one Bad record each, and the good samples before a cut are kept
+    opt = ReadOptions(resolution=16)
+    def kinds(name):
+        return [x.kind if isinstance(x, Bad) else x["key"] for x in read_shard(str(tmp_path / name), opt, 0, None, 0, print)]
+    assert kinds("empty.tar") == ["empty_shard"]
+    assert kinds("missing.tar") == ["shard_missing"]
+    assert kinds("trunc.tar") == ["truncated_tar"]  # the cut falls inside t1's caption: nothing whole survives
+    whole = write_tar(tmp_path / "whole.tar", sample_members("w1", 1) + sample_members("w2", 2) + sample_members("w3", 3))
+    with tarfile.open(whole) as tar:
+        cut_at = tar.getmember("w3.jpg").offset_data + 10
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut_at])  # cut inside w3's image
+    assert kinds("cut.tar") == ["w1", "w2", "truncated_tar"]
+
+
+def test_too_many_bad_samples_fail_with_a_clear_error(tmp_path):
+    members = []
+    for i in range(120):
+        members += [(f"k{i}.jpg", b"broken"), (f"k{i}.txt", b"x")] if i % 2 else sample_members(f"k{i}", i)
+    write_tar(tmp_path / "half.tar", members)
+    src = source([str(tmp_path / "half.tar")], workers=0, max_bad_fraction=0.2)
+    with pytest.raises(DataError, match=r"samples were bad .*max_bad_fraction 0.2"):
+        take_keys(src, 100, micro=2)
+
+
+def test_small_images_upscaled_or_skipped(tmp_path):
+    members = []
+    for i in range(6):  # alternately 40x32 (small for 64 px) and 100x80
+        size = (40, 32) if i % 2 else (100, 80)
+        members += [(f"k{i}.jpg", image_bytes(i, size=size)), (f"k{i}.txt", b"c")]
+    write_tar(tmp_path / "sizes.tar", members)
+    pat = [str(tmp_path / "sizes.tar")]
+    up = source(pat)
+    b = next(up.batches(64, 6))
+    assert b["image"].shape == (6, 3, 64, 64) and up.bad_samples() == {}
+    skip = source(pat, small_images="skip", max_bad_fraction=1.0)
+    b = next(skip.batches(64, 3))
+    assert b["key"] == ["k0", "k2", "k4"] and skip.bad_samples() == {"too_small": 2}  # k1, k3 (k5 not read yet)
+
+
+def test_precomputed_embeddings_padded_and_masked(tmp_path):
+    members = []
+    for i in range(4):
+        members += sample_members(f"e{i}", i, emb=np.full((3 + i, 8), i, np.float16))
+    members += sample_members("noemb", 9)  # no emb.npy: a bad sample when embeddings are required
+    write_tar(tmp_path / "emb.tar", members)
+    src = source([str(tmp_path / "emb.tar")], text=TextConfig(encoder="precomputed", max_tokens=5, dim=8), max_bad_fraction=1.0)
+    b = next(src.batches(16, 4))
+    assert b["emb"].shape == (4, 5, 8) and b["mask"].dtype == torch.bool
+    assert b["mask"].sum(1).tolist() == [3, 4, 5, 5]
+    assert torch.all(b["emb"][1, :4] == 1) and torch.all(b["emb"][1, 4] == 0)
