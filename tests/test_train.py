@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_cli
+from shardutil import write_shards
 from launcher.cli import main as launch_main
 from pixeldiff import checkpoint
 from pixeldiff.ledger import read_jsonl
@@ -78,16 +79,13 @@ def test_different_seed_gives_different_losses(write_manifest, tmp_path):
     assert [r["loss"] for r in la] != [r["loss"] for r in lb]
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-to-group", "SIGTERM-twice"])
-def test_interrupted_run_resumes_to_bit_identical_weights(write_manifest, tmp_path, how):
-    """Stop a real `pixeldiff-launch run` process at a random step, run again: same weights as uninterrupted."""
-    manifest = write_manifest(steps=(150, 40))
-    stop_at = random.Random(how).randint(15, 120)
-
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "cut")],
+def start_and_interrupt(manifest: Path, runs: Path, stop_at: int, how: str) -> dict:
+    """Start a real `pixeldiff-launch run`, signal it once it logged step `stop_at`; -> its last ledger event."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--runs-dir", str(runs)],
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "cut" / "tiny" / "metrics.jsonl"
+    name = manifest.stem
+    metrics = runs / name / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         rows = read_jsonl(metrics)
@@ -106,23 +104,45 @@ def test_interrupted_run_resumes_to_bit_identical_weights(write_manifest, tmp_pa
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == expected, out
     assert "Traceback" not in out
-    run_dir = tmp_path / "cut" / "tiny"
-    stopped = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    stopped = read_jsonl(runs / name / "ledger.jsonl")[-1]
     assert stopped["event"] == "segment_end" and stopped["reason"].startswith("signal")
-    assert stopped["step"] >= stop_at and stopped["step"] < 190
-    assert checkpoint.latest_valid(run_dir / "checkpoints").name == f"step-{stopped['step']:08d}"
+    assert stopped["step"] >= stop_at
+    assert checkpoint.latest_valid(runs / name / "checkpoints").name == f"step-{stopped['step']:08d}"
+    return stopped
 
-    # run the same command again: it resumes and finishes
+
+def resume_and_compare(manifest: Path, tmp_path: Path, stopped: dict):
+    """Run the same command again; it must end with the weights and losses of an uninterrupted run."""
+    name = manifest.stem
     again = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "cut"))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"resumed from" in again.stdout and f"at step {stopped['step']}" in again.stdout
-
+    assert "resumed from" in again.stdout and f"at step {stopped['step']}" in again.stdout
     assert run_local(manifest, tmp_path / "whole") == 0
-    assert_same_state(final_state(run_dir), final_state(tmp_path / "whole" / "tiny"))
-    # the logged losses after the resume are those of the uninterrupted run
-    cut = {r["step"]: r["loss"] for r in read_jsonl(metrics)}
-    whole = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "whole" / "tiny" / "metrics.jsonl")}
+    assert_same_state(final_state(tmp_path / "cut" / name), final_state(tmp_path / "whole" / name))
+    cut = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "cut" / name / "metrics.jsonl")}
+    whole = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "whole" / name / "metrics.jsonl")}
     assert cut == whole
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT-to-group", "SIGTERM-twice"])
+def test_interrupted_run_resumes_to_bit_identical_weights(write_manifest, tmp_path, how):
+    """Stop a real `pixeldiff-launch run` process at a random step, run again: same weights as uninterrupted."""
+    manifest = write_manifest(steps=(150, 40))
+    stopped = start_and_interrupt(manifest, tmp_path / "cut", random.Random(how).randint(15, 120), how)
+    assert stopped["step"] < 190
+    resume_and_compare(manifest, tmp_path, stopped)
+
+
+def test_training_from_shards_resumes_bit_identical(write_manifest, tmp_path):
+    """WebDataset shards read by 2 worker processes: the data position survives the restart exactly."""
+    write_shards(tmp_path / "shards", n_shards=6, per_shard=10)
+    data = {"source": "webdataset", "shards": str(tmp_path / "shards" / "train-{000..005}.tar"), "workers": 2,
+            "text": {"max_tokens": 8, "dim": 16}}
+    manifest = write_manifest(name="shardrun", steps=(60, 20), data=data)
+    stopped = start_and_interrupt(manifest, tmp_path / "cut", 25, "SIGTERM")
+    resume_and_compare(manifest, tmp_path, stopped)
+    rows = read_jsonl(tmp_path / "whole" / "shardrun" / "metrics.jsonl")
+    assert rows[-1]["bad_samples"] == {}
 
 
 def test_resume_ignores_a_partial_checkpoint(write_manifest, tmp_path, capsys):
