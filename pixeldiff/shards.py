@@ -46,20 +46,28 @@ class DataError(RuntimeError):
 
 # ------------------------------------------------------------------ shard lists
 
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`train-{000..002}.tar` -> train-000.tar, train-001.tar, train-002.tar (zero padding kept)."""
+    """`train-{000..002}.tar` -> train-000.tar, train-001.tar, train-002.tar (zero padding kept);
+    `{a,b}` lists; several groups multiply."""
     m = _BRACE.search(pattern)
     if not m:
         return [pattern]
-    a, b = m.group(1), m.group(2)
-    width = len(a) if a.startswith("0") or len(a) == len(b) else 0
-    if int(b) < int(a):
-        raise DataError(f"shard pattern {pattern!r}: range {{{a}..{b}}} runs backwards")
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    return [x for i in range(int(a), int(b) + 1) for x in expand_braces(f"{head}{i:0{width}d}{tail}")]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        if int(b) < int(a):
+            raise DataError(f"shard pattern {pattern!r}: bad range {{{body}}}, the end is before the start")
+        width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+        options = [f"{i:0{width}d}" for i in range(int(a), int(b) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise DataError(f"shard pattern {pattern!r}: bad brace group {{{body}}}; use {{000..009}} or {{a,b}}")
+    return [x for opt in options for x in expand_braces(head + opt + tail)]
 
 
 def shard_list(spec, storage_options: dict | None = None) -> list[str]:
@@ -269,7 +277,8 @@ def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | No
     done, attempt = skip, 0
     while True:
         try:
-            with fsspec.open(url, "rb", block_size=opt.block_size, **_options_for(url, storage_options)) as f:
+            fs, path = fsspec.core.url_to_fs(url, **_options_for(url, storage_options))
+            with fs.open(path, "rb", block_size=opt.block_size) as f:
                 raw = CountingReader(f)
                 seen, pending, cut = 0, None, None  # pending: the last group, whole only if the archive ends properly
                 with tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -341,6 +350,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
         buf = []
         while True:
+            good_before = pos.offset  # a pass over a whole shard list without one good sample is fatal
+            yielded = 0
             lst = pos.remaining if pos.remaining is not None else \
                 stream_shards(len(self.urls), self.seed, pos.epoch, stream, n_streams)
             while pos.next < len(lst):
@@ -358,12 +369,17 @@ class ShardDataset(torch.utils.data.IterableDataset):
                             log(f"skipping {item.kind} sample {item.key} in {url} (further ones in this shard counted silently)")
                         continue
                     pos.offset += 1
+                    yielded += 1
                     buf.append(item)
                     if len(buf) == self.micro:
                         yield collate(buf, stream, pos, counts)
                         buf = []
                 pos.next += 1
                 pos.offset = 0
+            if yielded == 0 and lst and not good_before:
+                raise DataError(f"data stream {stream}: not one readable sample in {len(lst)} shard(s) "
+                                f"(e.g. {self.urls[lst[0]]}): {dict((k, v) for k, v in counts.items() if v)}; "
+                                f"check data.shards, the credentials and data.s3.endpoint_url")
             pos = Position(pos.epoch + 1, 0, 0, None)
 
 
