@@ -172,3 +172,29 @@ def test_precomputed_embeddings_padded_and_masked(tmp_path):
     assert b["emb"].shape == (4, 5, 8) and b["mask"].dtype == torch.bool
     assert b["mask"].sum(1).tolist() == [3, 4, 5, 5]
     assert torch.all(b["emb"][1, :4] == 1) and torch.all(b["emb"][1, 4] == 0)
+
+
+def test_training_counts_bad_samples_in_metrics_and_fails_past_the_limit(write_manifest, tmp_path, capsys):
+    from launcher.cli import main as launch_main
+    from pixeldiff.ledger import read_jsonl
+
+    members = []
+    for i in range(40):  # every 4th sample has a corrupt image
+        members += [(f"k{i:02d}.jpg", b"broken"), (f"k{i:02d}.txt", b"x")] if i % 4 == 3 else sample_members(f"k{i:02d}", i)
+    write_tar(tmp_path / "mixed.tar", members)
+    data = {"source": "webdataset", "shards": [str(tmp_path / "mixed.tar")], "workers": 0, "max_bad_fraction": 0.5,
+            "text": {"max_tokens": 8, "dim": 16}}
+    manifest = write_manifest(name="badrun", steps=(30, 0 + 1), data=data)
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
+    rows = read_jsonl(tmp_path / "runs" / "badrun" / "metrics.jsonl")
+    counts = [r["bad_samples"].get("corrupt_image", 0) for r in rows]
+    assert counts == sorted(counts) and counts[-1] >= 60  # cumulative: 31 steps x 8 samples, a quarter bad
+    assert set(rows[-1]["bad_samples"]) == {"corrupt_image"}
+
+    capsys.readouterr()
+    strict = write_manifest(name="strict", steps=(30, 1), data={**data, "max_bad_fraction": 0.1})
+    assert launch_main(["run", str(strict), "--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert "samples were bad" in err and "max_bad_fraction 0.1" in err
+    end = read_jsonl(tmp_path / "runs" / "strict" / "ledger.jsonl")[-1]
+    assert end["event"] == "segment_end" and end["reason"].startswith("failed")
