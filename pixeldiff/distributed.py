@@ -1,0 +1,101 @@
+"""All torch.distributed setup, from the environment, with a single-process fallback.
+
+Recognised launchers, in order:
+- torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
+- Slurm (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is
+  the first host of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID, so it is
+  the same after a requeue (the job id is kept) and differs between jobs sharing a node;
+- otherwise one process.
+NCCL on GPUs, gloo on the CPU. Collectives time out (`timeout_s`), so a rank that dies
+makes the others fail in bounded time instead of hanging until the Slurm limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def port_for_job(job_id: str) -> int:
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+
+
+def env_from(environ=os.environ) -> DistEnv:
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)),
+                       environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", 29500)), "torchrun")
+    if int(environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in environ:
+        nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
+        return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
+                       first_host(nodes), port_for_job(environ.get("SLURM_JOB_ID", "0")), "slurm")
+    return DistEnv()
+
+
+def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
+    """Join the process group (no-op for one process)."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean over ranks of a few floats, in one collective."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any: how ranks agree to stop at a step boundary."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
