@@ -66,8 +66,18 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     return run_dir, False
 
 
+def check_weights(m: Manifest) -> None:
+    """Local perceptual-loss weights must exist before anything starts (s3:// ones are checked when the job starts);
+    random-init perceptual networks are announced on stderr."""
+    from pixeldiff.perceptual import preflight
+
+    for message in preflight(m):
+        print(f"warning: {message}", file=sys.stderr)
+
+
 def cmd_plan(args) -> int:
     m = load_manifest(Path(args.manifest), args.set)
+    check_weights(m)
     p = make_plan(m)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
     return 0
@@ -81,6 +91,7 @@ def cmd_run(args) -> int:
             f"{args.manifest}: cluster.backend is 'slurm', and Slurm submission is not available in this version yet; "
             f"run it on this machine with --local"
         )
+    check_weights(m)
     if m.cluster.backend != "local":  # a dry run of a cluster manifest: its own run directory
         m = dataclasses.replace(m, name=f"{m.name}-local", cluster=dataclasses.replace(m.cluster, backend="local"))
     run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))

@@ -74,14 +74,33 @@ class ObjectiveConfig:
 
 @dataclass
 class PerceptualLossConfig:
-    weight: float = 0.0
-    weights: Optional[str] = None  # local path or s3:// URL of the frozen network's weights
+    """Fields shared by the perceptual losses (computed on the predicted clean image x0_hat against x0)."""
+
+    weight: float = 0.0  # 0 = off; loss = mse + weight * term
+    weights: Optional[str] = None  # local path or s3:// URL of the frozen network's weights; null = random init (warned)
+    max_t: Optional[float] = None  # apply only to samples with t <= max_t; null = every noise level
+
+
+@dataclass
+class LpipsLossConfig(PerceptualLossConfig):
+    net: Literal["vgg", "alex"] = "vgg"  # backbone; weights = its torchvision state dict (vgg16-397923af.pth, ...)
+    downscale: float = 1.0  # both images are resized by this factor first (the speedrun: 0.5)
+
+
+@dataclass
+class DinoLossConfig(PerceptualLossConfig):
+    net: str = "vit_base_patch14_reg4_dinov2"  # a timm model name; weights = its timm state dict
+    resolution: int = 224  # both images are resized to resolution x resolution
+
+
+# Smallest image side each LPIPS backbone accepts (its pooling stages need at least one pixel).
+LPIPS_MIN_SIDE = {"vgg": 16, "alex": 31}
 
 
 @dataclass
 class LossesConfig:
-    lpips: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
-    dino: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+    lpips: LpipsLossConfig = field(default_factory=LpipsLossConfig)
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
 
 
 @dataclass
@@ -366,6 +385,30 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"data.text: max_tokens and dim must be >= 1, got {d.text.max_tokens} and {d.text.dim}")
     if m.losses.lpips.weight < 0 or m.losses.dino.weight < 0:
         raise ConfigError("losses: weights must be >= 0")
+    for key in ("lpips", "dino"):
+        lc = getattr(m.losses, key)
+        if lc.max_t is not None and not 0 < lc.max_t <= 1:
+            raise ConfigError(f"losses.{key}.max_t: must be in (0, 1] or null (every noise level), got {lc.max_t}")
+        if lc.weights is not None:
+            scheme = lc.weights.split("://", 1)[0] if "://" in lc.weights else ""
+            if not lc.weights.strip() or scheme not in ("", "s3", "file"):
+                raise ConfigError(f"losses.{key}.weights: {lc.weights!r} must be a local path or an s3:// URL (or null)")
+    lp, dn = m.losses.lpips, m.losses.dino
+    if not 0 < lp.downscale <= 1:
+        raise ConfigError(f"losses.lpips.downscale: must be in (0, 1], got {lp.downscale}")
+    if lp.weight > 0:
+        least = LPIPS_MIN_SIDE[lp.net]
+        for i, s in enumerate(m.stages):
+            if math.floor(s.resolution * lp.downscale) < least:
+                raise ConfigError(
+                    f"losses.lpips.downscale: stages[{i}] images of {s.resolution} px become "
+                    f"{math.floor(s.resolution * lp.downscale)} px, smaller than the {least} px the {lp.net!r} "
+                    f"backbone needs; raise downscale (at most 1) or the stage resolution"
+                )
+    if dn.resolution <= 0:
+        raise ConfigError(f"losses.dino.resolution: must be > 0, got {dn.resolution}")
+    if not dn.net.strip():
+        raise ConfigError("losses.dino.net: give a timm model name, e.g. vit_base_patch14_reg4_dinov2")
 
 
 def dump_yaml(m: Manifest) -> str:

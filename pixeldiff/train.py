@@ -30,6 +30,7 @@ from pixeldiff.data import SyntheticShapes
 from pixeldiff.ledger import append_event
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
+from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_options_for
 from pixeldiff.sample import render_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
@@ -95,13 +96,7 @@ def lock_run(run_dir: Path):
 
 
 def check_supported(m: Manifest) -> None:
-    """Features the manifest may name that this version cannot run yet: refuse before any work."""
-    for name in ("lpips", "dino"):
-        if getattr(m.losses, name).weight > 0:
-            raise ConfigError(
-                f"losses.{name}.weight: perceptual losses are not available in this version yet; "
-                f"set it to 0 (--set losses.{name}.weight=0)"
-            )
+    """Features the manifest may name that this version cannot run yet: refuse before any work (none at present)."""
 
 
 def pick_device(m: Manifest) -> torch.device:
@@ -154,6 +149,9 @@ class Trainer:
         else:
             self.data = ShardSource(m.data, m.data.text, pin_memory=self.device.type == "cuda")
         self._batches, self._batches_key = None, None
+        # Frozen perceptual networks: separate objects (not in the model, optimizer, EMA or checkpoints). Their
+        # weights are checked (and s3:// ones fetched) here, before any training.
+        self.perceptual = PerceptualLosses(m.losses, self.device, storage_options_for(m), log=self.log)
 
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
@@ -257,11 +255,16 @@ class Trainer:
         lr = lr_at(st.step, m.optimizer)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total, parts = 0.0, {}
         for _ in range(accum):
             images, text, mask = self.next_batch(stage.resolution, micro)
             with self.autocast:
-                loss, _, _ = self.objective.loss(self.model, images, text, mask, gen)
+                loss, x0_hat, t = self.objective.loss(self.model, images, text, mask, gen)
+                if self.perceptual:
+                    terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}
+                    loss = loss + sum(self.perceptual.weight(k) * v for k, v in terms.items() if k != "mse")
+                    for k, v in terms.items():  # summed on the device: one sync per step, below
+                        parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
             (loss / accum).backward()
             total += loss.item() / accum
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
@@ -271,7 +274,8 @@ class Trainer:
         st.step += 1
         if st.step % m.optimizer.ema_every == 0:
             ema_update(self.ema, self.model, m.optimizer.ema_decay)
-        return {"loss": total, "lr": lr, "grad_norm": grad_norm}
+        parts = {k: v.item() for k, v in parts.items()} if parts else {"mse": total}
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm, "parts": parts}
 
     # ----- the loop
 
@@ -284,6 +288,15 @@ class Trainer:
                    nodelist=socket.gethostname(), device=str(self.device), step=st.step)
         self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
+        for message in self.perceptual.warnings:  # on every start, and in the ledger
+            self.log(f"WARNING: {message}")
+            self.event("warning", message=message, step=st.step)
+        if self.perceptual:
+            res = self.m.stages[st.stage].resolution
+            flops = forward_flops(self.m.losses, res)
+            self.log(f"perceptual losses (forward FLOPs per image for {res} px images; a step runs ~3x): " + ", ".join(
+                f"{k} {getattr(self.m.losses, k).net} weight {self.perceptual.weight(k):g} "
+                f"{flops[k] / 1e9:.2f} GFLOP" for k in self.perceptual.terms))
         try:
             self.loop(stop)
         except DataError as e:
@@ -318,7 +331,7 @@ class Trainer:
             if st.step % m.logging.metrics_interval == 0:
                 dt = time.perf_counter() - window_t
                 rec = {"step": st.step, "stage": stage.name, "resolution": stage.resolution, "loss": round(out["loss"], 6),
-                       "loss_mse": round(out["loss"], 6), "img_per_s": round(window_img / dt, 2),
+                       **{f"loss_{k}": round(v, 6) for k, v in out["parts"].items()}, "img_per_s": round(window_img / dt, 2),
                        "step_time": round(time.perf_counter() - t0, 4), "lr": out["lr"], "grad_norm": round(out["grad_norm"], 4),
                        "time": time.time()}
                 if isinstance(self.data, ShardSource):

@@ -24,7 +24,7 @@ from launcher.cli import main as cli_main
 from launcher.manifest import load_manifest
 from launcher.plan import make_plan
 from pixeldiff.config import (
-    BudgetConfig, ConfigError, LossesConfig, Manifest, PerceptualLossConfig, StageConfig, dump_yaml, from_dict,
+    BudgetConfig, ConfigError, LossesConfig, LpipsLossConfig, Manifest, StageConfig, dump_yaml, from_dict,
 )
 from pixeldiff.model import PRESETS, ModelConfig
 
@@ -94,7 +94,7 @@ CASES = [
     ("unknown-in-stage", stage(resolutoin=64),
      rf"^unknown key 'stages\[0\]\.resolutoin'; valid keys in stages\[0\]: {keys(StageConfig)}$"),
     ("unknown-nested", MINIMAL + "losses: {lpips: {wieght: 0.1}}\n",
-     rf"^unknown key 'losses\.lpips\.wieght'; valid keys in losses\.lpips: {keys(PerceptualLossConfig)}$"),
+     rf"^unknown key 'losses\.lpips\.wieght'; valid keys in losses\.lpips: {keys(LpipsLossConfig)}$"),
     ("unknown-model", MINIMAL + "model: {preset: tiny, layers: 3}\n",
      rf"^unknown key 'model\.layers'; valid keys in model: {keys(ModelConfig)}$"),
     ("unknown-losses", MINIMAL + "losses: {clip: {weight: 1}}\n",

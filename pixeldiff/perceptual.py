@@ -1,0 +1,455 @@
+"""Perceptual losses on the predicted clean image, with frozen networks whose weights load offline.
+
+Two losses compare the network's prediction x0_hat with the clean image x0 (both in [-1, 1]):
+
+- LPIPS (the `lpips` package): a VGG16 (or AlexNet) backbone and the package's calibrated
+  linear layers, which ship inside the package (`lpips/weights/v0.1/<net>.pth`). The backbone
+  comes from a torchvision state dict (`features.N.weight`, e.g. `vgg16-397923af.pth`) named
+  by the manifest. Both images are first resized by `downscale`; the distance is spatially
+  averaged per sample.
+- DINO: a timm ViT (DINOv2 ViT-B/14 with registers by default). Both images are mapped to
+  [0, 1], ImageNet-normalised and resized to `resolution`; the loss per sample is the mean
+  over patch tokens of 1 - cosine similarity (in [0, 2]); the target branch runs without grad.
+
+The frozen networks are separate objects, never attributes of the model: requires_grad off,
+eval mode, not in the optimizer, the EMA or the checkpoints. On CUDA their weights are bf16.
+
+Weights: a local path or an s3:// URL. A remote file is fetched once per node into a cache
+directory ($PIXELDIFF_CACHE, default ~/.cache/pixeldiff/weights), under a file lock, to a
+temporary name then renamed, so eight ranks starting together download it once. Files are
+read with torch.load(weights_only=True). With no weights and weight > 0 the network is
+randomly initialised (seeded, so resumes stay bit-exact) and the trainer warns on every start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixeldiff.config import ConfigError, DinoLossConfig, LossesConfig, LpipsLossConfig, Manifest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INIT_SEED = {"lpips": 7_340_033, "dino": 7_340_034}  # random-init fallback: fixed per loss, so restarts agree
+
+
+# ------------------------------------------------------------------ weights files
+
+
+def cache_dir() -> Path:
+    """Where remote weights are cached on this node: $PIXELDIFF_CACHE, else ~/.cache/pixeldiff/weights."""
+    env = os.environ.get("PIXELDIFF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pixeldiff" / "weights"
+
+
+def cached_name(url: str) -> str:
+    """The cache file name of a URL: a hash of the whole URL (different buckets never collide) + its base name."""
+    base = url.rstrip("/").rsplit("/", 1)[-1] or "weights"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
+
+
+def _local_path(spec: str) -> Path:
+    return Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+
+
+def fetch_weights(url: str, key: str, storage_options: dict | None = None, cache: Path | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """-> a local file holding `url` (s3://). Downloads once per cache directory; ConfigError if it does not exist.
+
+    The cache is trusted: a file present there is used without asking S3 again (a new version
+    of the weights needs a new URL, or deleting the cached file). `key` names the manifest field
+    in error messages.
+    """
+    import fsspec
+
+    root = Path(cache) if cache is not None else cache_dir()
+    dest = root / cached_name(url)
+    if dest.is_file():
+        return dest
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create the weights cache {root} ({e}); set PIXELDIFF_CACHE to a writable directory") from None
+    with open(root / f".{dest.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other ranks of this node wait here, then find the file
+        try:
+            if dest.is_file():
+                return dest
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            try:
+                size = fs.info(path)["size"]
+            except FileNotFoundError:
+                raise ConfigError(f"{key}: {url} does not exist; upload it (tools/fetch_weights.py --upload) "
+                                  f"or fix the URL") from None
+            except Exception as e:  # credentials, endpoint, permissions: all need the user
+                raise ConfigError(f"{key}: cannot read {url} ({type(e).__name__}: {e}); check the URL, "
+                                  f"data.s3 settings and credentials") from None
+            if log:
+                log(f"{key}: fetching {url} ({size / 2**20:.1f} MiB) into {dest}")
+            tmp = root / f".{dest.name}.{os.getpid()}.tmp"
+            try:
+                fs.get_file(path, str(tmp))
+                got = tmp.stat().st_size
+                if got != size:
+                    raise ConfigError(f"{key}: downloaded {got} bytes of {url}, expected {size}; run again")
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+                dir_fd = os.open(root, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise ConfigError(f"{key}: downloading {url} failed ({type(e).__name__}: {e})") from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return dest
+
+
+def resolve_weights(spec: str, key: str, storage_options: dict | None = None, log=None) -> Path:
+    """A manifest `weights` value -> an existing local file (fetching s3:// into the cache)."""
+    if spec.startswith("s3://"):
+        return fetch_weights(spec, key, storage_options, log=log)
+    path = _local_path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r}"
+                          f"{' (relative to ' + os.getcwd() + ')' if not path.is_absolute() else ''}; "
+                          f"fetch it with tools/fetch_weights.py, or set it to null for random weights (not for real runs)")
+    return path
+
+
+def load_weights_file(path: Path, key: str) -> dict:
+    """torch.load(weights_only=True) -> a flat dict of tensors; ConfigError naming the field on failure."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot load {path} as a state dict ({type(e).__name__}: {e})") from None
+    for wrapper in ("state_dict", "model"):  # common checkpoint layouts
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict) and not torch.is_tensor(sd.get(wrapper)):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ConfigError(f"{key}: {path} is not a state dict (a mapping of names to tensors)")
+    return sd
+
+
+# ------------------------------------------------------------------ LPIPS
+
+
+def _quiet_import_lpips():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import lpips
+    return lpips
+
+
+def _lpips_on_meta(net: str) -> nn.Module:
+    """The lpips.LPIPS module structure on the meta device: no torchvision init, no download, no file read."""
+    lpips = _quiet_import_lpips()
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation notices
+        return lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)
+
+
+def lpips_backbone_map(module: nn.Module) -> dict[str, str]:
+    """{lpips name: torchvision name}: lpips keeps torchvision's `features` indices as the module names
+    inside its slices, so net.slice3.10.weight is features.10.weight."""
+    out = {}
+    for i in range(1, module.net.N_slices + 1):
+        for name, _ in getattr(module.net, f"slice{i}").named_parameters():
+            out[f"net.slice{i}.{name}"] = f"features.{name}"
+    return out
+
+
+def load_lpips_backbone(module: nn.Module, sd: dict, key: str, source: str) -> None:
+    """Copy a torchvision state dict (features.N.*; the classifier is ignored) into lpips' backbone slices."""
+    if not any(k.startswith("features.") for k in sd) and any(k[:1].isdigit() for k in sd):
+        sd = {f"features.{k}": v for k, v in sd.items()}  # a saved `.features` module
+    mapping = lpips_backbone_map(module)
+    missing = [tv for tv in mapping.values() if tv not in sd]
+    if missing:
+        raise ConfigError(f"{key}: {source} is not a torchvision {module.pnet_type} state dict: missing "
+                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                          f"(expected e.g. {'vgg16-397923af.pth' if module.pnet_type == 'vgg' else 'alexnet-owt-7be5be79.pth'})")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for ours, theirs in mapping.items():
+            p, v = params[ours], sd[theirs]
+            if tuple(p.shape) != tuple(v.shape):
+                raise ConfigError(f"{key}: {source}: {theirs} has shape {tuple(v.shape)}, the {module.pnet_type} "
+                                  f"backbone needs {tuple(p.shape)}; is it the weights of another network?")
+            p.copy_(v)
+
+
+def _lpips_linear_layers(net: str) -> dict:
+    """The calibrated linear layers that ship inside the lpips package (no network)."""
+    lpips = _quiet_import_lpips()
+    path = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in sd.items() if k.startswith("lin") and not k.startswith("lins.")}
+
+
+class LpipsLoss:
+    """LPIPS(x0_hat, x0) per sample, with x0 under no_grad. Frozen; bf16 backbone on CUDA."""
+
+    def __init__(self, cfg: LpipsLossConfig, device: torch.device, state_dict: dict | None = None,
+                 source: str = "", key: str = "losses.lpips.weights"):
+        lpips = _quiet_import_lpips()
+        self.cfg, self.device = cfg, torch.device(device)
+        m = _lpips_on_meta(cfg.net).to_empty(device="cpu")
+        m.scaling_layer = lpips.ScalingLayer()  # its constant buffers were not materialised on meta
+        lins = _lpips_linear_layers(cfg.net)
+        want = {k for k in m.state_dict() if k.startswith("lin") and not k.startswith("lins.")}  # lins.N aliases linN
+        if set(lins) != want:
+            raise RuntimeError(f"lpips package: {cfg.net}.pth has layers {sorted(lins)}, expected {sorted(want)}")
+        m.load_state_dict(lins, strict=False)
+        if state_dict is not None:
+            load_lpips_backbone(m, state_dict, key, source)
+        else:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.default_generator.manual_seed(_INIT_SEED["lpips"])
+                for mod in m.net.modules():
+                    if isinstance(mod, nn.Conv2d):
+                        nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+                        nn.init.zeros_(mod.bias)
+        m.requires_grad_(False).eval()
+        self.module = m.to(self.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.module.net.to(self.dtype)  # the backbone; scaling and the linear layers stay fp32
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.cfg.downscale != 1:
+            x = F.interpolate(x.float(), scale_factor=self.cfg.downscale, mode="bilinear", align_corners=False, antialias=True)
+        x = self.module.scaling_layer(x.float()).to(self.dtype)
+        return list(self.module.net(x))
+
+    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-> (B,) LPIPS distances, differentiable in x_hat."""
+        f_hat = self.features(x_hat)
+        with torch.no_grad():
+            f_ref = self.features(x)
+        total = 0
+        with torch.autocast(self.device.type, enabled=False):
+            for lin, a, b in zip(self.module.lins, f_hat, f_ref):
+                a, b = a.float(), b.float()
+                # unit-normalise over channels; vector_norm's gradient is defined (0) where a feature is all zero
+                a = a / (torch.linalg.vector_norm(a, dim=1, keepdim=True) + 1e-10)
+                b = b / (torch.linalg.vector_norm(b, dim=1, keepdim=True) + 1e-10)
+                total = total + lin((a - b) ** 2).mean(dim=(1, 2, 3))
+        return total
+
+    def parameters(self):
+        return self.module.parameters()
+
+
+# ------------------------------------------------------------------ DINO
+
+
+def _timm_model(name: str, resolution: int, device: str = "cpu") -> nn.Module:
+    import timm
+
+    if not timm.is_model(name):
+        raise ConfigError(f"losses.dino.net: {name!r} is not a timm model name (e.g. vit_base_patch14_reg4_dinov2)")
+    with torch.device(device):
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, img_size=resolution)
+        except TypeError as e:
+            raise ConfigError(f"losses.dino.net: {name!r} cannot be built at img_size {resolution} ({e})") from None
+
+
+def load_dino_weights(model: nn.Module, sd: dict, key: str, source: str) -> None:
+    """Load a timm-format (or original DINOv2-format) state dict, strictly; position embeddings saved at another
+    image size are resampled by timm's own checkpoint filter."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        if isinstance(model, VisionTransformer):
+            sd = checkpoint_filter_fn(sd, model)
+    except Exception as e:
+        raise ConfigError(f"{key}: {source} does not fit {type(model).__name__} ({type(e).__name__}: {e})") from None
+    if not any(n.startswith("head.") for n, _ in model.named_parameters()):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # a classifier head we do not use
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{key}: {source} is not a state dict of this model: "
+                          f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}"[:600]) from None
+
+
+class DinoLoss:
+    """Mean over patch tokens of 1 - cos(features(x0_hat), features(x0)) per sample, in [0, 2]."""
+
+    def __init__(self, cfg: DinoLossConfig, device: torch.device, state_dict: dict | None = None,
+                 source: str = "", key: str = "losses.dino.weights"):
+        self.cfg, self.device = cfg, torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(_INIT_SEED["dino"])
+            model = _timm_model(cfg.net, cfg.resolution)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if patch is not None and cfg.resolution % patch[0]:
+            raise ConfigError(f"losses.dino.resolution: {cfg.resolution} is not a multiple of {cfg.net}'s patch size "
+                              f"{patch[0]}; use e.g. {max(1, cfg.resolution // patch[0]) * patch[0]}")
+        if state_dict is not None:
+            load_dino_weights(model, state_dict, key, source)
+        model.requires_grad_(False).eval()
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = model.to(self.device, self.dtype)
+        self.prefix = getattr(model, "num_prefix_tokens", 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x.float() + 1) / 2 - self.mean) / self.std
+        r = self.cfg.resolution
+        if x.shape[-2:] != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            out = self.model.forward_features(x.to(self.dtype))
+        return out[:, self.prefix:].float()
+
+    def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-> (B,) losses in [0, 2], differentiable in x_hat."""
+        a = self.tokens(x_hat)
+        with torch.no_grad():
+            b = self.tokens(x)
+        return (1 - F.cosine_similarity(a, b, dim=-1, eps=1e-6)).mean(dim=1).clamp(0, 2)  # clamp: rounding only
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+# ------------------------------------------------------------------ together
+
+
+def storage_options_for(m: Manifest) -> dict:
+    """s3 settings for weights: the same endpoint/profile/anon as the data (data.s3)."""
+    from pixeldiff.shards import s3_options
+
+    return s3_options(m.data.s3.endpoint_url, m.data.s3.profile, m.data.s3.anon)
+
+
+def random_init_warning(name: str, cfg) -> str:
+    what = f"{cfg.net} backbone" if name == "lpips" else f"{cfg.net} network"
+    return (f"losses.{name}: weight {cfg.weight:g} but no weights file (losses.{name}.weights is null): the frozen "
+            f"{what} is RANDOMLY initialised, so this loss is not the perceptual loss of the recipe; "
+            f"fetch the weights with tools/fetch_weights.py and set losses.{name}.weights")
+
+
+def preflight(m: Manifest) -> list[str]:
+    """Checks that need no network, for `plan` and `run` before anything starts: local weights files exist and the
+    DINO model name is known. s3:// files are checked when the job starts. -> warnings (random init)."""
+    out = []
+    for name in ("lpips", "dino"):
+        cfg = getattr(m.losses, name)
+        if cfg.weight <= 0:
+            continue
+        if cfg.weights is None:
+            out.append(random_init_warning(name, cfg))
+        elif not cfg.weights.startswith("s3://"):
+            resolve_weights(cfg.weights, f"losses.{name}.weights")
+    if m.losses.dino.weight > 0:
+        import timm
+
+        if not timm.is_model(m.losses.dino.net):
+            raise ConfigError(f"losses.dino.net: {m.losses.dino.net!r} is not a timm model name "
+                              f"(e.g. vit_base_patch14_reg4_dinov2)")
+    return out
+
+
+def build_loss(name: str, cfg, device, storage_options: dict | None = None, log=None):
+    """-> LpipsLoss or DinoLoss with its weights loaded (local or s3://, cached), or random init when weights is null."""
+    key = f"losses.{name}.weights"
+    sd = source = None
+    if cfg.weights is not None:
+        path = resolve_weights(cfg.weights, key, storage_options, log=log)
+        source = cfg.weights if cfg.weights == str(path) else f"{cfg.weights} ({path})"
+        sd = load_weights_file(path, key)
+    cls = LpipsLoss if name == "lpips" else DinoLoss
+    return cls(cfg, device, state_dict=sd, source=source or "", key=key)
+
+
+class PerceptualLosses:
+    """The enabled perceptual terms. `compute(x0_hat, x0, t)` -> {'lpips': scalar, 'dino': scalar} (unweighted)."""
+
+    def __init__(self, losses: LossesConfig, device, storage_options: dict | None = None, log=None):
+        self.cfg = losses
+        self.terms: dict[str, LpipsLoss | DinoLoss] = {}
+        self.warnings: list[str] = []
+        for name in ("lpips", "dino"):
+            cfg = getattr(losses, name)
+            if cfg.weight <= 0:
+                continue
+            if cfg.weights is None:
+                self.warnings.append(random_init_warning(name, cfg))
+            self.terms[name] = build_loss(name, cfg, device, storage_options, log=log)
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def weight(self, name: str) -> float:
+        return getattr(self.cfg, name).weight
+
+    def compute(self, x0_hat: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch means of the per-sample terms; samples with t > max_t count as 0 (and are not computed)."""
+        out = {}
+        B = x0.shape[0]
+        for name, fn in self.terms.items():
+            max_t = getattr(self.cfg, name).max_t
+            if max_t is None:
+                out[name] = fn(x0_hat, x0).mean()
+                continue
+            keep = (t <= max_t).nonzero().flatten()
+            if keep.numel() == 0:
+                out[name] = x0_hat.new_zeros((), dtype=torch.float32)
+            else:
+                out[name] = fn(x0_hat[keep], x0[keep]).sum() / B
+        return out
+
+
+# ------------------------------------------------------------------ FLOPs
+
+
+def forward_flops(losses: LossesConfig, resolution: int) -> dict[str, float]:
+    """Forward FLOPs of one pass of each enabled frozen network for one image of `resolution` px (measured with
+    torch's FlopCounterMode on the meta device: no weights, no memory). A training step runs each network twice
+    per image (x0_hat and x0) and back-propagates to the input once (about one more forward): ~3x this."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out = {}
+    if losses.lpips.weight > 0:
+        m = _lpips_on_meta(losses.lpips.net)
+        side = math.floor(resolution * losses.lpips.downscale)
+        x = torch.empty(1, 3, side, side, device="meta")
+        with FlopCounterMode(display=False) as fc:
+            feats = m.net(x)
+            for lin, f in zip(m.lins, feats):
+                lin(f)
+        out["lpips"] = float(fc.get_total_flops())
+    if losses.dino.weight > 0:
+        model = _timm_model(losses.dino.net, losses.dino.resolution, device="meta")
+        x = torch.empty(1, 3, losses.dino.resolution, losses.dino.resolution, device="meta")
+        with FlopCounterMode(display=False) as fc:
+            model.forward_features(x)
+        out["dino"] = float(fc.get_total_flops())
+    return out
+
+
+__all__ = ["LpipsLoss", "DinoLoss", "PerceptualLosses", "build_loss", "cache_dir", "fetch_weights", "forward_flops",
+           "load_weights_file", "preflight", "resolve_weights", "lpips_backbone_map"]
