@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 MARKER = "COMPLETE"
-PARTS = ("model", "ema", "optimizer", "train_state")
+PARTS = ("model", "ema", "optimizer")  # plus one train_state-rankNNNNN.pt per rank
 
 
 class CheckpointError(Exception):
@@ -64,14 +64,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(root: Path, step: int, parts: dict, files: dict[str, str] | None = None, keep: int = 3) -> tuple[Path, int]:
-    """Write `parts` (name -> state) and text `files` atomically as step-N/. -> (path, bytes written)."""
+def begin(root: Path, step: int) -> Path:
+    """Create the empty temporary directory of a save (one process does this; every rank writes into it)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f".tmp-{step_dir(root, step).name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a job that died while saving
     tmp.mkdir()
+    return tmp
+
+
+def write_parts(tmp: Path, parts: dict, files: dict[str, str] | None = None) -> None:
+    """Write named states (`name.pt`) and text files into a save's temporary directory, fsynced."""
     for name, state in parts.items():
         with open(tmp / f"{name}.pt", "wb") as f:
             torch.save(state, f)
@@ -79,6 +83,13 @@ def save(root: Path, step: int, parts: dict, files: dict[str, str] | None = None
             os.fsync(f.fileno())
     for name, text in (files or {}).items():
         (tmp / name).write_text(text)
+
+
+def commit(root: Path, step: int, keep: int) -> tuple[Path, int]:
+    """After every writer finished: rename the temporary directory to step-N/, then mark it complete."""
+    root = Path(root)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
     _fsync_dir(tmp)
     if final.exists():  # a partial save of the same step from an earlier, interrupted job
         shutil.rmtree(final)
@@ -93,6 +104,12 @@ def save(root: Path, step: int, parts: dict, files: dict[str, str] | None = None
     return final, nbytes
 
 
+def save(root: Path, step: int, parts: dict, files: dict[str, str] | None = None, keep: int = 3) -> tuple[Path, int]:
+    """Single writer: `parts` (name -> state) and text `files` atomically as step-N/. -> (path, bytes)."""
+    write_parts(begin(root, step), parts, files)
+    return commit(root, step, keep)
+
+
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` valid checkpoints; drop older ones and partial ones older than the newest valid."""
     valid, partial = list_checkpoints(root)
@@ -103,6 +120,16 @@ def prune(root: Path, keep: int) -> None:
         for p in partial:
             if _step_of(p) < newest:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def rank_states(path: Path) -> dict[int, dict]:
+    """rank -> train state saved by that rank (`train_state-rankNNNNN.pt`; `train_state.pt` is rank 0's)."""
+    path = Path(path)
+    out = {int(p.stem.rsplit("rank", 1)[1]): torch.load(p, map_location="cpu", weights_only=True)
+           for p in path.glob("train_state-rank*.pt")}
+    if not out and (path / "train_state.pt").exists():
+        out[0] = torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+    return out
 
 
 def load(path: Path, names=PARTS, map_location="cpu") -> dict:

@@ -87,13 +87,13 @@ def all_mean(values: list[float], device: torch.device) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any: how ranks agree to stop at a step boundary."""
+def max_int(value: int, device: torch.device) -> int:
+    """The largest value over ranks, on every rank: how ranks agree to stop (a signal number) at a step boundary."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def barrier() -> None:

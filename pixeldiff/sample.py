@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                 raise checkpoint.CheckpointError(f"no complete checkpoint under {path}; pass a run directory or a step-N/ directory")
             path = found
         m = load_resolved(path / "manifest.yaml")
-        parts = checkpoint.load(path, names=(args.weights, "train_state"))
+        parts = checkpoint.load(path, names=(args.weights,))
+        parts["train_state"] = checkpoint.rank_states(path)[0]
         if args.steps <= 0 or args.per_prompt <= 0:
             raise ConfigError("--steps and --per-prompt must be > 0")
         encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)

@@ -398,6 +398,24 @@ def collate(items: list[dict], stream: int, pos: Position, counts: dict) -> dict
     return batch
 
 
+def merge_data_states(states: list[dict], own: dict, same_world: bool, rank: int = 0) -> dict:
+    """One rank's data state for a restart, from every rank's saved state: all streams' positions
+    (so a different layout can be dealt fairly), and this rank's counts (rank 0 takes all of them
+    when the number of ranks changed)."""
+    positions: dict = {}
+    for st in states:
+        positions.update(st["positions"])
+    out = {**own, "positions": positions}
+    if not same_world:
+        bad: dict = {}
+        for st in states:
+            for k, v in st.get("bad", {}).items():
+                bad[k] = bad.get(k, 0) + v
+        out["bad"] = bad if rank == 0 else {}
+        out["samples"] = sum(st.get("samples", 0) for st in states) if rank == 0 else 0
+    return out
+
+
 class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 

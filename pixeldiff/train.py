@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pixeldiff import checkpoint
+from pixeldiff import checkpoint, distributed
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import SyntheticShapes
 from pixeldiff.ledger import append_event
@@ -33,7 +33,7 @@ from pixeldiff.objective import XPrediction
 from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_options_for
 from pixeldiff.sample import render_grid
 from pixeldiff.schedule import StageSchedule, lr_at
-from pixeldiff.shards import DataError, ShardSource
+from pixeldiff.shards import DataError, ShardSource, merge_data_states
 from pixeldiff.text import BuiltinTextEncoder
 
 
@@ -95,19 +95,19 @@ def lock_run(run_dir: Path):
     return f
 
 
-def check_supported(m: Manifest) -> None:
-    """Features the manifest may name that this version cannot run yet: refuse before any work (none at present)."""
-
-
-def pick_device(m: Manifest) -> torch.device:
+def pick_device(m: Manifest, env: distributed.DistEnv) -> torch.device:
     if m.cluster.device == "cuda" or (m.cluster.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))))
+        return torch.device("cuda", env.local_rank)
     return torch.device("cpu")
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """All randomness of one optimizer step comes from here: resuming needs only the step."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
+    """All randomness of one micro-batch: a function of (step, its place in the global batch).
+
+    Chunk k of the global batch gets the same draws whether it runs as rank k's micro-batch
+    or as the k-th accumulation step of one process, so runs on different world sizes see
+    the same noise, and resuming needs only the step."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + chunk)
 
 
 @torch.no_grad()
@@ -131,11 +131,17 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, run_dir: Path, log=print):
-        self.run_dir, self.log = Path(run_dir), log
+    def __init__(self, run_dir: Path, env: distributed.DistEnv | None = None, log=print):
+        self.run_dir = Path(run_dir)
+        self.env = env = env or distributed.DistEnv()
+        self.log = log if env.is_main else (lambda *_: None)
         self.m = m = load_resolved(self.run_dir / "manifest.yaml")
-        check_supported(m)
-        self.device = pick_device(m)
+        for i, s in enumerate(m.stages):
+            if s.global_batch % env.world_size or (s.global_batch // env.world_size) % (s.micro_batch or 1):
+                raise ConfigError(f"stages[{i}].global_batch: {s.global_batch} cannot be split over {env.world_size} "
+                                  f"ranks in micro-batches of {s.micro_batch}; use a multiple of {env.world_size} "
+                                  f"x micro_batch")
+        self.device = pick_device(m, env)
         self.schedule = StageSchedule.from_manifest(m)
         self.ckpt_root = Path(m.checkpoint.dir) if m.checkpoint.dir else self.run_dir / "checkpoints"
         self.encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)
@@ -147,7 +153,8 @@ class Trainer:
         if m.data.source == "synthetic":
             self.data = SyntheticShapes(m.data.seed)
         else:
-            self.data = ShardSource(m.data, m.data.text, pin_memory=self.device.type == "cuda")
+            self.data = ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size,
+                                    pin_memory=self.device.type == "cuda")
         self._batches, self._batches_key = None, None
         # Frozen perceptual networks: separate objects (not in the model, optimizer, EMA or checkpoints). Their
         # weights are checked (and s3:// ones fetched) here, before any training.
@@ -156,9 +163,15 @@ class Trainer:
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        # the one place the single-device model is wrapped for data parallelism
+        self.net = self.model
+        if env.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
+        self.stop_signum = 0
         self._saved_step = -1
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -170,16 +183,20 @@ class Trainer:
         path = checkpoint.latest_valid(self.ckpt_root, log=self.log)
         if path is None:
             return False
-        parts = checkpoint.load(path)
+        parts = checkpoint.load(path, names=("model", "ema", "optimizer"))
         self.model.load_state_dict(parts["model"])
         self.ema.load_state_dict(parts["ema"])
         self.opt.load_state_dict(parts["optimizer"])
-        ts = parts["train_state"]
+        ranks = checkpoint.rank_states(path)  # rank -> train_state, as saved by each rank
+        ts = ranks.get(self.env.rank, ranks[0])
         self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
         if isinstance(self.data, ShardSource):
-            self.data.load_state_dict(ts["data"])
+            self.data.load_state_dict(merge_data_states([r["data"] for r in ranks.values()], own=ts["data"],
+                                                        same_world=len(ranks) == self.env.world_size,
+                                                        rank=self.env.rank))
         self._saved_step = self.state.step
-        torch.set_rng_state(ts["rng"]["torch"])
+        if len(ranks) == self.env.world_size:
+            torch.set_rng_state(ts["rng"]["torch"])
         self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
         return True
 
@@ -189,50 +206,62 @@ class Trainer:
         t0 = time.perf_counter()
         self.state.rng = {"torch": torch.get_rng_state()}
         meta = {"code_version": code_version(), "torch": torch.__version__, "python": platform.python_version(), "host": socket.gethostname()}
-        parts = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "train_state": {**self.state.to_dict(),
-                            **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})},
-        }
-        files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
-        path, nbytes = checkpoint.save(self.ckpt_root, self.state.step, parts, files, keep=self.m.checkpoint.keep)
+        train_state = {**self.state.to_dict(), **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})}
+        # data parallel: the weights and optimizer are the same on every rank, so rank 0 writes them;
+        # every rank writes its own train state (data position, RNG)
+        parts = {f"train_state-rank{self.env.rank:05d}": train_state}
+        files = {}
+        if self.env.is_main:
+            parts.update(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict())
+            files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
+            checkpoint.begin(self.ckpt_root, self.state.step)
+        distributed.barrier()
+        checkpoint.write_parts(self.ckpt_root / f".tmp-step-{self.state.step:08d}", parts, files)
+        distributed.barrier()
+        if self.env.is_main:
+            path, nbytes = checkpoint.commit(self.ckpt_root, self.state.step, keep=self.m.checkpoint.keep)
+        distributed.barrier()
         self._saved_step = self.state.step
         blocked = time.perf_counter() - t0
-        self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
+        if self.env.is_main:
+            self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
 
     # ----- outputs
 
     def event(self, kind: str, **fields) -> None:
-        append_event(self.run_dir / "ledger.jsonl", kind, **fields)
+        if self.env.is_main:
+            append_event(self.run_dir / "ledger.jsonl", kind, **fields)
 
     def write_metrics(self, record: dict) -> None:
+        if not self.env.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def write_samples(self) -> Path:
+    def write_samples(self) -> Path | None:
         lg, stage = self.m.logging, self.m.stages[self.state.stage]
         out = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        if not self.env.is_main:
+            return None
         render_grid(self.ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
                     per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
         return out
 
     # ----- data
 
-    def next_batch(self, resolution: int, micro: int):
-        """-> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), all on the device."""
+    def next_batch(self, resolution: int, micro: int, chunk: int):
+        """Micro-batch `chunk` of the current global batch.
+
+        -> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), all on the device."""
         st, dev = self.state, self.device
         if isinstance(self.data, SyntheticShapes):
-            images, captions = self.data.batch(st.samples_seen, micro, resolution)
-            st.samples_seen += micro
+            images, captions = self.data.batch(st.samples_seen + chunk * micro, micro, resolution)
             text, mask = self.encoder.encode(captions)
             return images.to(dev), text.to(dev), mask.to(dev)
         if self._batches_key != (resolution, micro):  # a new stage: new loader from the consumed position
             self.close_data()
             self._batches, self._batches_key = self.data.batches(resolution, micro), (resolution, micro)
         b = next(self._batches)
-        st.samples_seen += micro
         images = b["image"].to(dev, non_blocking=True).float().div_(127.5).sub_(1)
         if "emb" in b:
             return images, b["emb"].to(dev, non_blocking=True), b["mask"].to(dev, non_blocking=True)
@@ -249,24 +278,28 @@ class Trainer:
     def train_step(self) -> dict:
         m, st = self.m, self.state
         stage = m.stages[st.stage]
-        micro = stage.micro_batch or stage.global_batch  # one rank for now
-        accum = stage.global_batch // micro
-        gen = step_generator(m.seed, st.step, self.device)
+        per_rank = stage.global_batch // self.env.world_size
+        micro = stage.micro_batch or per_rank
+        accum = per_rank // micro  # global batch = micro x ranks x accum
         lr = lr_at(st.step, m.optimizer)
         for group in self.opt.param_groups:
             group["lr"] = lr
         total, parts = 0.0, {}
-        for _ in range(accum):
-            images, text, mask = self.next_batch(stage.resolution, micro)
-            with self.autocast:
-                loss, x0_hat, t = self.objective.loss(self.model, images, text, mask, gen)
+        for a in range(accum):
+            chunk = self.env.rank * accum + a  # this micro-batch's place in the global batch
+            images, text, mask = self.next_batch(stage.resolution, micro, chunk)
+            gen = chunk_generator(m.seed, st.step, chunk, self.device)
+            sync = a == accum - 1 or self.net is self.model  # all-reduce gradients once per step
+            with self.autocast, (nullcontext() if sync else self.net.no_sync()):
+                loss, x0_hat, t = self.objective.loss(self.net, images, text, mask, gen)
                 if self.perceptual:
                     terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}
                     loss = loss + sum(self.perceptual.weight(k) * v for k, v in terms.items() if k != "mse")
                     for k, v in terms.items():  # summed on the device: one sync per step, below
                         parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
-            (loss / accum).backward()
+                (loss / accum).backward()
             total += loss.item() / accum
+        st.samples_seen += stage.global_batch
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
         self.opt.step()
@@ -284,8 +317,10 @@ class Trainer:
             self.state.stage = self.schedule.stage_at(0)
         st = self.state
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
-                   restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)), nodes=1, gpus=1,
-                   nodelist=socket.gethostname(), device=str(self.device), step=st.step)
+                   restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                   nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
+                   nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
+                   launcher=self.env.launcher, step=st.step)
         self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
         for message in self.perceptual.warnings:  # on every start, and in the ledger
@@ -305,8 +340,8 @@ class Trainer:
         finally:
             self.close_data()
         self.save()
-        if stop:
-            reason = f"signal {signal.Signals(stop.signum).name}"
+        if self.stop_signum:
+            reason = f"signal {signal.Signals(self.stop_signum).name}"
             self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
         else:
             reason = "finished"
@@ -318,7 +353,11 @@ class Trainer:
         """Train until the schedule ends or a stop is requested (checked at step boundaries)."""
         m, st = self.m, self.state
         window_t, window_img, last_heartbeat = time.perf_counter(), 0, time.time()
-        while st.step < self.schedule.total_steps and not stop:
+        while st.step < self.schedule.total_steps:
+            # a signal may reach one rank only: all ranks agree at this step boundary (one small collective)
+            self.stop_signum = distributed.max_int(stop.signum or 0, self.device)
+            if self.stop_signum:
+                break
             stage_idx = self.schedule.stage_at(st.step)
             if stage_idx != st.stage:
                 self.event("stage_change", step=st.step, stage=m.stages[stage_idx].name, previous=m.stages[st.stage].name)
@@ -330,8 +369,10 @@ class Trainer:
             window_img += stage.global_batch
             if st.step % m.logging.metrics_interval == 0:
                 dt = time.perf_counter() - window_t
-                rec = {"step": st.step, "stage": stage.name, "resolution": stage.resolution, "loss": round(out["loss"], 6),
-                       **{f"loss_{k}": round(v, 6) for k, v in out["parts"].items()}, "img_per_s": round(window_img / dt, 2),
+                names = list(out["parts"])
+                loss, *values = distributed.all_mean([out["loss"], *out["parts"].values()], self.device)
+                rec = {"step": st.step, "stage": stage.name, "resolution": stage.resolution, "loss": round(loss, 6),
+                       **{f"loss_{k}": round(v, 6) for k, v in zip(names, values)}, "img_per_s": round(window_img / dt, 2),
                        "step_time": round(time.perf_counter() - t0, 4), "lr": out["lr"], "grad_norm": round(out["grad_norm"], 4),
                        "time": time.time()}
                 if isinstance(self.data, ShardSource):
@@ -349,15 +390,20 @@ class Trainer:
 
 
 def run_job(run_dir: Path, log=print) -> str:
-    """Entry point of a job on this machine. -> 'finished' or 'signal SIGTERM' etc."""
+    """Entry point of a job on every rank. -> 'finished' or 'signal SIGTERM' etc."""
     run_dir = Path(run_dir)
-    lock = lock_run(run_dir)
+    env = distributed.env_from()
+    lock = lock_run(run_dir) if env.is_main else None
     stop = StopFlag().install()
     try:
-        return Trainer(run_dir, log=log).run(stop)
+        device = pick_device(load_resolved(run_dir / "manifest.yaml"), env)
+        distributed.init(env, device, timeout_s=float(os.environ.get("PIXELDIFF_COLLECTIVE_TIMEOUT_S", 600)))
+        return Trainer(run_dir, env, log=log).run(stop)
     finally:
         stop.restore()
-        lock.close()
+        distributed.shutdown()
+        if lock is not None:
+            lock.close()
 
 
 def main(argv=None) -> int:

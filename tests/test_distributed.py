@@ -23,3 +23,106 @@ def test_env_from_torchrun_slurm_and_single():
     assert port_for_job("4242") != port_for_job("4243")  # two jobs sharing a node do not collide
     assert env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()  # a one-task job: single process
     assert env_from({}).is_main and env_from({}).world_size == 1
+
+
+# ---------------------------------------------------------------- real gloo processes
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+from launcher.cli import main as launch_main, prepare_run_dir  # noqa: E402
+from launcher.manifest import load_manifest  # noqa: E402
+from pixeldiff import checkpoint  # noqa: E402
+from pixeldiff.ledger import read_jsonl  # noqa: E402
+
+
+def torchrun(run_dir: Path, nproc: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIXELDIFF_COLLECTIVE_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                             "-m", "pixeldiff.train", str(run_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def ddp_manifest(write_manifest, steps):
+    stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": steps[0]},
+              {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 4, "steps": steps[1]}]
+    return write_manifest(name="ddp", stages=stages)
+
+
+def weights(run_dir: Path) -> dict:
+    return checkpoint.load(checkpoint.latest_valid(run_dir / "checkpoints"), names=("model",))["model"]
+
+
+def test_two_gloo_ranks_match_one_process(write_manifest, tmp_path):
+    """Same global batch: 2 ranks x 1 micro-batch vs 1 process x 2 accumulated micro-batches."""
+    manifest = ddp_manifest(write_manifest, (10, 4))
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "one")]) == 0
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "two")
+    proc = torchrun(run_dir, 2)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    one = read_jsonl(tmp_path / "one" / "ddp" / "metrics.jsonl")
+    two = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in two] == list(range(1, 15))  # only rank 0 writes metrics
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a, b)
+    wa, wb = weights(tmp_path / "one" / "ddp"), weights(run_dir)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    ckpt = checkpoint.latest_valid(run_dir / "checkpoints")
+    assert sorted(p.name for p in ckpt.glob("train_state-rank*.pt")) == ["train_state-rank00000.pt", "train_state-rank00001.pt"]
+    start = read_jsonl(run_dir / "ledger.jsonl")[0]
+    assert start["gpus"] == 2 and start["launcher"] == "torchrun"
+
+
+def test_signal_to_one_rank_stops_all_and_resumes_on_another_world_size(write_manifest, tmp_path):
+    manifest = ddp_manifest(write_manifest, (400, 20))
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+    proc = torchrun(run_dir, 2)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (read_jsonl(run_dir / "metrics.jsonl") or [{}])[-1].get("step", 0) >= 20:
+        time.sleep(0.05)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[-1]), signal.SIGUSR2)  # the preemption signal reaches one rank only
+    out, _ = proc.communicate(timeout=120)
+    end = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    assert end["event"] == "segment_end" and end["reason"] == "signal SIGUSR2", out
+    assert 20 <= end["step"] < 420
+    ckpt = checkpoint.latest_valid(run_dir / "checkpoints")
+    assert ckpt.name == f"step-{end['step']:08d}"
+    assert len(list(ckpt.glob("train_state-rank*.pt"))) == 2
+    # resume in one process (a different world size): it continues from the saved step to the end
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 420
+    assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 421))
+
+
+def test_a_killed_rank_makes_the_other_exit_in_bounded_time(write_manifest, tmp_path):
+    """No launcher to clean up (plain processes with RANK/WORLD_SIZE): the survivor must not hang."""
+    manifest = ddp_manifest(write_manifest, (100000, 1))
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+    port = str(29000 + os.getpid() % 1000)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PIXELDIFF_COLLECTIVE_TIMEOUT_S": "20",
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pixeldiff.train", str(run_dir)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (read_jsonl(run_dir / "metrics.jsonl") or [{}])[-1].get("step", 0) >= 5:
+        time.sleep(0.05)
+    procs[1].kill()
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=90)
+    assert procs[0].returncode != 0, out
+    assert time.time() - t0 < 60, "the surviving rank waited too long"

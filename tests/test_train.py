@@ -27,7 +27,7 @@ def run_local(manifest: Path, runs: Path, *extra) -> int:
 
 def final_state(run_dir: Path) -> dict:
     path = checkpoint.latest_valid(run_dir / "checkpoints")
-    return checkpoint.load(path)
+    return {**checkpoint.load(path), "train_state": checkpoint.rank_states(path)[0]}
 
 
 def assert_same_state(a: dict, b: dict):
