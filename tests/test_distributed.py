@@ -41,6 +41,7 @@ from launcher.cli import main as launch_main, prepare_run_dir  # noqa: E402
 from launcher.manifest import load_manifest  # noqa: E402
 from pixeldiff import checkpoint  # noqa: E402
 from pixeldiff.ledger import read_jsonl  # noqa: E402
+from shardutil import write_shards  # noqa: E402
 
 
 def torchrun(run_dir: Path, nproc: int) -> subprocess.Popen:
@@ -50,10 +51,10 @@ def torchrun(run_dir: Path, nproc: int) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def ddp_manifest(write_manifest, steps):
+def ddp_manifest(write_manifest, steps, **sections):
     stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": steps[0]},
               {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 4, "steps": steps[1]}]
-    return write_manifest(name="ddp", stages=stages)
+    return write_manifest(name="ddp", stages=stages, **sections)
 
 
 def weights(run_dir: Path) -> dict:
@@ -82,8 +83,14 @@ def test_two_gloo_ranks_match_one_process(write_manifest, tmp_path):
     assert start["gpus"] == 2 and start["launcher"] == "torchrun"
 
 
-def test_signal_to_one_rank_stops_all_and_resumes_on_another_world_size(write_manifest, tmp_path):
-    manifest = ddp_manifest(write_manifest, (400, 20))
+@pytest.mark.parametrize("source", ["synthetic", "shards"])
+def test_signal_to_one_rank_stops_all_and_resumes_on_another_world_size(write_manifest, tmp_path, source):
+    sections = {}
+    if source == "shards":  # 2 ranks x 2 workers = 4 streams before, 1 x 2 after
+        write_shards(tmp_path / "shards", n_shards=8, per_shard=10)
+        sections["data"] = {"source": "webdataset", "shards": str(tmp_path / "shards" / "train-{000..007}.tar"),
+                            "workers": 2, "text": {"max_tokens": 8, "dim": 16}}
+    manifest = ddp_manifest(write_manifest, (400, 20), **sections)
     run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
     proc = torchrun(run_dir, 2)
     deadline = time.time() + 120
@@ -104,6 +111,8 @@ def test_signal_to_one_rank_stops_all_and_resumes_on_another_world_size(write_ma
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert rows[-1]["step"] == 420
     assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 421))
+    if source == "shards":
+        assert rows[-1]["bad_samples"] == {}
 
 
 def test_a_killed_rank_makes_the_other_exit_in_bounded_time(write_manifest, tmp_path):
