@@ -22,14 +22,12 @@ stream is read again.
 from __future__ import annotations
 
 import io
-import itertools
 import random
 import re
 import sys
 import tarfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from s3server import s3_endpoint  # noqa: F401  (one loopback S3 server per test session)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -1,6 +1,6 @@
 """A real S3 endpoint for tests: moto's server on 127.0.0.1, no network, no AWS account.
 
-    from s3server import s3_endpoint, create_bucket  # noqa: F401  (registers the fixture)
+    from s3server import create_bucket   # the s3_endpoint fixture is registered in conftest.py
 
     def test_upload(s3_endpoint):
         create_bucket(s3_endpoint, "my-bucket")

@@ -15,7 +15,7 @@ from pixeldiff.ledger import read_jsonl
 from pixeldiff.perceptual import (DinoLoss, LpipsLoss, PerceptualLosses, build_loss, cached_name, forward_flops,
                                   lpips_backbone_map)
 from pixeldiff.shards import s3_options
-from s3server import create_bucket, s3_client, s3_endpoint  # noqa: F401  (fixture)
+from s3server import create_bucket, s3_client
 
 TINY_VIT = "vit_tiny_patch16_224"  # a small timm ViT standing in for DINOv2 on the CPU
 

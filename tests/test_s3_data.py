@@ -6,7 +6,7 @@ import time
 
 from pixeldiff.config import DataConfig, S3Config, TextConfig
 from pixeldiff.shards import ShardSource
-from s3server import TcpProxy, create_bucket, s3_client, s3_endpoint  # noqa: F401  (fixture)
+from s3server import TcpProxy, create_bucket, s3_client
 from shardutil import write_shards
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from s3server import create_bucket, get_object, list_keys, s3_endpoint  # noqa: F401  (fixture)
+from s3server import create_bucket, get_object, list_keys
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE = REPO / "tools" / "make_shards.py"

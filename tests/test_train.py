@@ -18,7 +18,6 @@ from shardutil import write_shards
 from launcher.cli import main as launch_main
 from pixeldiff import checkpoint
 from pixeldiff.ledger import read_jsonl
-from pixeldiff.train import run_job
 
 
 def run_local(manifest: Path, runs: Path, *extra) -> int:

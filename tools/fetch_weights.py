@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
