@@ -6,7 +6,8 @@
 Each row times full optimizer steps (x-prediction loss, backward, grad clip, AdamW;
 bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
 eager baseline measured in the same run, and model FLOPs utilisation against --peak-tflops.
-Perceptual losses (LPIPS, DINOv2) are not included yet. `--calibration FILE` writes the
+Modes `eager+lpips`, `eager+dino`, `eager+lpips+dino` add the speedrun's perceptual losses
+(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); their "vs eager" ratio is what each costs. `--calibration FILE` writes the
 measured img/s per GPU per resolution as JSON for the planner.
 """
 
@@ -22,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pixeldiff.config import ObjectiveConfig  # noqa: E402
+from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig  # noqa: E402
 from pixeldiff.model import ModelConfig, PixelDiT  # noqa: E402
 from pixeldiff.objective import XPrediction  # noqa: E402
 
 
-def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast):
+def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast, perceptual=None):
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, 3, res, res, generator=g, device=device).mul(2).sub(1)
     text = torch.randn(batch, text_len, text_dim, generator=g, device=device)
@@ -36,7 +37,10 @@ def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, 
 
     def step():
         with autocast:
-            loss, _, _ = objective.loss(model, x0, text, mask, g)
+            loss, x0_hat, t = objective.loss(model, x0, text, mask, g)
+            if perceptual:
+                terms = perceptual.compute(x0_hat, x0, t)
+                loss = loss + sum(perceptual.weight(k) * v for k, v in terms.items())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.2)
         opt.step()
@@ -66,7 +70,7 @@ def main(argv=None):
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--modes", default="eager,compile", help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak, for MFU (H100 989, H200 989)")
     ap.add_argument("--calibration", help="write measured img/s per GPU per resolution here (JSON)")
     args = ap.parse_args(argv)
@@ -78,7 +82,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; preset {args.preset}", flush=True)
-    header = f"{'mode':<8}{'res':>6}{'batch':>6}{'img/s':>10}{'step s':>9}{'vs eager':>9}{'MFU':>7}{'warmup s':>9}{'GiB':>7}"
+    header = f"{'mode':<18}{'res':>6}{'batch':>6}{'img/s':>10}{'step s':>9}{'vs eager':>9}{'MFU':>7}{'warmup s':>9}{'GiB':>7}"
     print(header)
     print("-" * len(header), flush=True)
     base: dict = {}
@@ -90,11 +94,19 @@ def main(argv=None):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
         objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
         net = torch.compile(model) if mode == "compile" else model
+        perceptual = None
+        if "+" in mode:  # the speedrun's perceptual losses (random frozen weights: the cost is the same)
+            from pixeldiff.perceptual import PerceptualLosses
+
+            names = mode.split("+")[1:]
+            losses = LossesConfig(lpips=LpipsLossConfig(weight=0.1 if "lpips" in names else 0.0, downscale=0.5),
+                                  dino=DinoLossConfig(weight=0.01 if "dino" in names else 0.0))
+            perceptual = PerceptualLosses(losses, device, log=lambda *_: None)
         for res, batch in pairs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ips, dt, warm_s, mem = bench(net, objective, opt, res, batch, args.text_len, args.text_dim, device,
-                                         args.steps, args.warmup, autocast)
+                                         args.steps, args.warmup, autocast, perceptual)
             if mode == "eager":
                 base[res, batch] = ips
             ratio = f"{ips / base[res, batch]:.2f}x" if (res, batch) in base else "-"
@@ -102,7 +114,7 @@ def main(argv=None):
             if args.peak_tflops:
                 mfu = f"{3 * model.flops_per_sample(res, args.text_len) * ips / (args.peak_tflops * 1e12):.1%}"
             calib[str(res)] = max(calib.get(str(res), 0), ips)
-            print(f"{mode:<8}{res:>6}{batch:>6}{ips:>10.1f}{dt:>9.3f}{ratio:>9}{mfu:>7}{warm_s:>9.1f}{mem:>7.1f}", flush=True)
+            print(f"{mode:<18}{res:>6}{batch:>6}{ips:>10.1f}{dt:>9.3f}{ratio:>9}{mfu:>7}{warm_s:>9.1f}{mem:>7.1f}", flush=True)
         del model, net, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
