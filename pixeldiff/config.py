@@ -118,9 +118,12 @@ class OptimizerConfig:
 
 @dataclass
 class TextConfig:
-    encoder: Literal["builtin", "precomputed"] = "builtin"  # precomputed: emb.npy/mask.npy in the shards
+    # builtin: the small hashed-word encoder; precomputed: emb.npy/mask.npy in the shards;
+    # hf: a Hugging Face encoder run online (optional extra `transformers`), loaded from local files only
+    encoder: Literal["builtin", "precomputed", "hf"] = "builtin"
     max_tokens: int = 16
-    dim: int = 64
+    dim: int = 64  # with hf: must equal the model's hidden size
+    model: Optional[str] = None  # hf only: a local folder or a model already in the Hugging Face cache
 
 
 @dataclass
@@ -375,8 +378,11 @@ def validate(m: Manifest) -> None:
     d = m.data
     if d.source == "webdataset" and not d.shards:
         raise ConfigError("data.shards: required when data.source is 'webdataset' (e.g. s3://bucket/train-{000000..000099}.tar)")
-    if d.source == "synthetic" and d.text.encoder != "builtin":
-        raise ConfigError("data.text.encoder: synthetic data has no precomputed embeddings; use 'builtin'")
+    if d.source == "synthetic" and d.text.encoder == "precomputed":
+        raise ConfigError("data.text.encoder: synthetic data has no precomputed embeddings; use 'builtin' or 'hf'")
+    if (d.text.encoder == "hf") != bool(d.text.model):
+        raise ConfigError("data.text.model: give a Hugging Face model (local folder or cached name) exactly when "
+                          "data.text.encoder is 'hf'")
     if d.workers < 0 or d.prefetch < 1 or d.retries < 0 or d.retry_backoff_s < 0 or d.block_size_mb < 1:
         raise ConfigError("data: workers and retries must be >= 0, prefetch and block_size_mb >= 1, retry_backoff_s >= 0")
     if d.max_pixels <= 0 or not 0 <= d.max_bad_fraction <= 1:

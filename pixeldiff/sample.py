@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from pixeldiff.config import ConfigError, load_resolved
     from pixeldiff.model import PixelDiT
     from pixeldiff.objective import XPrediction
-    from pixeldiff.text import BuiltinTextEncoder
+    from pixeldiff.text import make_text_encoder
 
     ap = argparse.ArgumentParser(prog="pixeldiff-sample", description="Sample a PNG grid from a checkpoint or a run directory's latest checkpoint.")
     ap.add_argument("path", help="a run directory or a checkpoint directory (step-N/)")
@@ -86,7 +86,10 @@ def main(argv=None) -> int:
         parts["train_state"] = checkpoint.rank_states(path)[0]
         if args.steps <= 0 or args.per_prompt <= 0:
             raise ConfigError("--steps and --per-prompt must be > 0")
-        encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)
+        if m.data.text.encoder == "precomputed":
+            raise ConfigError("this checkpoint was trained on precomputed caption embeddings; pixeldiff-sample "
+                              "encodes prompts itself, so it needs data.text.encoder 'builtin' or 'hf'")
+        encoder = make_text_encoder(m.data.text, "cpu")
         null_text, null_mask = encoder.encode([""])
         model = PixelDiT(m.model, m.data.text.dim)
         model.load_state_dict(parts[args.weights])

@@ -14,6 +14,8 @@ import zlib
 
 import torch
 
+from pixeldiff.config import ConfigError
+
 
 class BuiltinTextEncoder:
     VOCAB = 4096
@@ -43,3 +45,61 @@ class BuiltinTextEncoder:
                 emb[i, : len(ids)] = self.table[ids] + self.pos[: len(ids)]
                 mask[i, : len(ids)] = True
         return emb, mask
+
+
+class TextEncoderError(ValueError):
+    """The text encoder cannot be built; the message says why and what to install or fix."""
+
+
+class HFTextEncoder:
+    """A Hugging Face encoder (the optional `transformers` extra), loaded from local files only.
+
+    `name` is a local folder or a model already in the Hugging Face cache: nothing is
+    downloaded at run time. For encoder-decoder models (T5, T5Gemma) only the encoder runs.
+    """
+
+    def __init__(self, name: str, max_tokens: int, device="cpu", local_files_only: bool = True,
+                 dtype: str = "float32"):
+        try:
+            import transformers
+        except ImportError as e:
+            raise TextEncoderError(f"the Hugging Face encoder {name!r} needs transformers, which is not installed "
+                                   f"({e}): pip install transformers") from None
+        device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        try:
+            self.tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+            model = transformers.AutoModel.from_pretrained(name, local_files_only=local_files_only,
+                                                           torch_dtype=getattr(torch, dtype))
+        except (OSError, ValueError) as e:
+            raise TextEncoderError(f"cannot load the Hugging Face model {name!r}: {e}") from None
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+            model = model.get_encoder()
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device, self.max_tokens, self.name = device, max_tokens, name
+        self.dim = self.encode([""])[0].shape[-1]
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embeddings (B, max_tokens, D) float32 and mask (B, max_tokens) bool, on the CPU."""
+        batch = self.tok(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
+                         return_tensors="pt")
+        ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        return hidden.float().cpu(), attn.bool().cpu()
+
+
+def make_text_encoder(cfg, device):
+    """The encoder captions go through (unused with precomputed embeddings). Its empty-caption
+    embedding, the null text for caption dropout and CFG, is computed once by the trainer."""
+    if cfg.encoder != "hf":
+        return BuiltinTextEncoder(cfg.dim, cfg.max_tokens)
+    try:
+        enc = HFTextEncoder(cfg.model, cfg.max_tokens, device=str(device), local_files_only=True)
+    except TextEncoderError as e:
+        raise ConfigError(f"data.text.model: {e}") from None
+    if enc.dim != cfg.dim:
+        raise ConfigError(f"data.text.dim: {cfg.dim}, but {cfg.model!r} produces {enc.dim}-wide embeddings; "
+                          f"set data.text.dim={enc.dim}")
+    return enc

@@ -34,7 +34,7 @@ from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_option
 from pixeldiff.sample import render_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource, merge_data_states
-from pixeldiff.text import BuiltinTextEncoder
+from pixeldiff.text import make_text_encoder
 
 
 class RunLocked(Exception):
@@ -144,7 +144,7 @@ class Trainer:
         self.device = pick_device(m, env)
         self.schedule = StageSchedule.from_manifest(m)
         self.ckpt_root = Path(m.checkpoint.dir) if m.checkpoint.dir else self.run_dir / "checkpoints"
-        self.encoder = BuiltinTextEncoder(m.data.text.dim, m.data.text.max_tokens)
+        self.encoder = make_text_encoder(m.data.text, self.device)
         if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
             null_text, null_mask = torch.zeros(1, m.data.text.max_tokens, m.data.text.dim), torch.zeros(1, m.data.text.max_tokens, dtype=torch.bool)
         else:

@@ -319,3 +319,25 @@ def test_fetch_weights_bad_arguments_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         fetch_tool().main(["--dry-run", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_eight_processes_starting_together_fetch_the_weights_once(s3_endpoint, tmp_path):
+    """As 8 ranks of a node do: separate processes, one download into the shared cache."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    create_bucket(s3_endpoint, "weights8")
+    (tmp_path / "w.pth").write_bytes(b"x" * 3_000_000)
+    s3_client(s3_endpoint).upload_file(str(tmp_path / "w.pth"), "weights8", "w.pth")
+    code = ("import sys; from pixeldiff.perceptual import fetch_weights; from pixeldiff.shards import s3_options; "
+            "p = fetch_weights('s3://weights8/w.pth', 'k', s3_options(sys.argv[1], None, False), "
+            "log=lambda m: print('FETCH', m)); print('SIZE', p.stat().st_size)")
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "PIXELDIFF_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, s3_endpoint], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(8)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("FETCH") for o in outs) == 1
+    assert all("SIZE 3000000" in o for o in outs)

@@ -196,45 +196,20 @@ class BuiltinEncoder:
 class HFEncoder:
     def __init__(self, name: str, max_tokens: int, dim: Optional[int], device: str, local_files_only: bool,
                  model_dtype: str):
-        try:
-            import transformers
-        except ImportError as e:
-            raise UsageError(f"--encoder hf:{name} needs Hugging Face transformers, which is not installed "
-                             f"({e}): pip install transformers") from None
-        import torch
+        from pixeldiff.text import HFTextEncoder, TextEncoderError
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            self.tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-            model = transformers.AutoModel.from_pretrained(name, local_files_only=local_files_only,
-                                                           torch_dtype=getattr(torch, model_dtype))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load the Hugging Face model {name!r}: {e}") from None
-        config = getattr(model, "config", None)
-        if getattr(config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-            model = model.get_encoder()
-        if self.tok.pad_token is None:
-            self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
-        self.model = model.to(device).eval()
-        self.device, self.max_tokens, self.torch = device, max_tokens, torch
-        self.dim = None
-        self.expect_dim = dim
-        self.name = f"hf:{name} (max_tokens {max_tokens}, {device})"
+            self.enc = HFTextEncoder(name, max_tokens, device, local_files_only, model_dtype)
+        except TextEncoderError as e:
+            raise UsageError(f"--encoder hf:{name}: {e}") from None
+        self.max_tokens, self.dim = max_tokens, self.enc.dim
+        if dim is not None and dim != self.dim:
+            raise UsageError(f"--dim {dim} but the model's hidden size is {self.dim}")
+        self.name = f"hf:{name} (max_tokens {max_tokens}, {self.enc.device})"
 
     def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.tok(captions, padding="max_length", truncation=True, max_length=self.max_tokens,
-                         return_tensors="pt")
-        ids = batch["input_ids"].to(self.device)
-        attn = batch["attention_mask"].to(self.device)
-        with self.torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=attn).last_hidden_state
-        emb = hidden.float().cpu().numpy()
-        if self.dim is None:
-            self.dim = emb.shape[-1]
-            if self.expect_dim is not None and self.expect_dim != self.dim:
-                raise UsageError(f"--dim {self.expect_dim} but the model's hidden size is {self.dim}")
-        return emb, attn.bool().cpu().numpy()
+        emb, mask = self.enc.encode(captions)
+        return emb.numpy(), mask.numpy()
 
 
 def make_encoder(args):
