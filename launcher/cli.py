@@ -109,7 +109,7 @@ def cmd_run(args) -> int:
         print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
         return 0
     from pixeldiff.shards import DataError
-    from pixeldiff.train import RunLocked, run_job
+    from pixeldiff.train import RunLocked, exit_code, run_job
 
     try:
         reason = run_job(run_dir, log=lambda s: print(s, flush=True))
@@ -118,11 +118,7 @@ def cmd_run(args) -> int:
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
         return 1
-    if reason == "finished":
-        return 0
-    import signal
-
-    return 128 + int(signal.Signals[reason.split()[-1]])
+    return exit_code(reason)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,8 @@ import torch
 from pixeldiff import checkpoint, distributed
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import SyntheticShapes
-from pixeldiff.ledger import append_event
+from pixeldiff.deadline import Limits, billed_gpu_seconds
+from pixeldiff.ledger import append_event, read_jsonl
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_options_for
@@ -35,6 +36,9 @@ from pixeldiff.sample import render_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource, merge_data_states
 from pixeldiff.text import make_text_encoder
+
+
+DEADLINE_STOP, BUDGET_STOP = 1000, 1001  # stop codes above every signal number
 
 
 class RunLocked(Exception):
@@ -171,8 +175,10 @@ class Trainer:
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
-        self.stop_signum = 0
+        self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
+        self.step_s, self.checkpoint_s = 0.0, 10.0  # measured as the job runs; 10 s until the first save
         self._saved_step = -1
+        self._measured_save = False
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
@@ -223,6 +229,8 @@ class Trainer:
         distributed.barrier()
         self._saved_step = self.state.step
         blocked = time.perf_counter() - t0
+        self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, blocked)
+        self._measured_save = True
         if self.env.is_main:
             self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
 
@@ -316,6 +324,10 @@ class Trainer:
         if not self.restore():
             self.state.stage = self.schedule.stage_at(0)
         st = self.state
+        past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
+        self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size)
+        self.billed_before = billed_gpu_seconds(past)
+        self.segment_t0 = time.time()
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
@@ -340,8 +352,16 @@ class Trainer:
         finally:
             self.close_data()
         self.save()
-        if self.stop_signum:
-            reason = f"signal {signal.Signals(self.stop_signum).name}"
+        if self.stop_code == DEADLINE_STOP:
+            reason = "deadline"
+            self.log(f"stopped at step {st.step} before the job's end time; run again (or requeue) to resume")
+        elif self.stop_code == BUDGET_STOP:
+            reason = "budget"
+            self.event("budget_stop", step=st.step, billed_gpu_seconds=round(self.billed(), 1))
+            self.log(f"budget spent: stopped at step {st.step} of {self.schedule.total_steps}; "
+                     f"samples: {self.write_samples()}")
+        elif self.stop_code:
+            reason = f"signal {signal.Signals(self.stop_code).name}"
             self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
         else:
             reason = "finished"
@@ -349,14 +369,26 @@ class Trainer:
         self.event("segment_end", reason=reason, step=st.step)
         return reason
 
+    def billed(self, now: float | None = None) -> float:
+        return self.billed_before + self.env.world_size * ((now or time.time()) - self.segment_t0)
+
+    def limit_reached(self, now: float | None = None) -> int:
+        """Rank 0: DEADLINE_STOP or BUDGET_STOP when the job's end or the budget is within the margin, else 0."""
+        if not self.env.is_main:
+            return 0
+        now = now or time.time()
+        hit = self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s)
+        return {"deadline": DEADLINE_STOP, "budget": BUDGET_STOP}.get(hit, 0)
+
     def loop(self, stop: StopFlag) -> None:
         """Train until the schedule ends or a stop is requested (checked at step boundaries)."""
         m, st = self.m, self.state
         window_t, window_img, last_heartbeat = time.perf_counter(), 0, time.time()
         while st.step < self.schedule.total_steps:
-            # a signal may reach one rank only: all ranks agree at this step boundary (one small collective)
-            self.stop_signum = distributed.max_int(stop.signum or 0, self.device)
-            if self.stop_signum:
+            # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this
+            # step boundary (one small collective)
+            self.stop_code = distributed.max_int(max(stop.signum or 0, self.limit_reached()), self.device)
+            if self.stop_code:
                 break
             stage_idx = self.schedule.stage_at(st.step)
             if stage_idx != st.stage:
@@ -366,6 +398,8 @@ class Trainer:
             stage = m.stages[st.stage]
             t0 = time.perf_counter()
             out = self.train_step()
+            dt_step = time.perf_counter() - t0
+            self.step_s = dt_step if not self.step_s else 0.9 * self.step_s + 0.1 * dt_step
             window_img += stage.global_batch
             if st.step % m.logging.metrics_interval == 0:
                 dt = time.perf_counter() - window_t
@@ -420,7 +454,14 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
         return 1
-    return 0 if reason == "finished" else 128 + int(signal.Signals[reason.split()[-1]])
+    return exit_code(reason)
+
+
+def exit_code(reason: str) -> int:
+    """0 when the job ended as planned (finished, budget spent, or saved before its deadline); 128+N after signal N."""
+    if reason in ("finished", "budget", "deadline"):
+        return 0
+    return 128 + int(signal.Signals[reason.split()[-1]])
 
 
 if __name__ == "__main__":
