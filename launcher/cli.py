@@ -20,6 +20,7 @@ from pathlib import Path
 
 from launcher.manifest import load_manifest
 from launcher.plan import format_plan, make_plan
+from pixeldiff.checkpoint import CheckpointError
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 
 
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError) as e:
+    except (ConfigError, UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
