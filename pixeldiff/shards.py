@@ -476,6 +476,12 @@ class ShardSource:
         loader = torch.utils.data.DataLoader(ds, batch_size=None, pin_memory=self.pin_memory, **kw)
         self.bad_base = self.bad_samples()  # fold the previous loader's worker counts in
         self.bad_live = {}
+        try:
+            yield from self._consume(loader)
+        except DataError as e:  # raised in a worker: the DataLoader wraps it with the worker's traceback
+            raise DataError(str(e).strip().splitlines()[-1].removeprefix("pixeldiff.shards.DataError: ")) from None
+
+    def _consume(self, loader):
         for batch in loader:
             s = batch["stream"]
             self.positions[s] = Position(*batch["position"])

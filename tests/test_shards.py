@@ -198,3 +198,13 @@ def test_training_counts_bad_samples_in_metrics_and_fails_past_the_limit(write_m
     assert "samples were bad" in err and "max_bad_fraction 0.1" in err
     end = read_jsonl(tmp_path / "runs" / "strict" / "ledger.jsonl")[-1]
     assert end["event"] == "segment_end" and end["reason"].startswith("failed")
+
+
+def test_a_stream_with_no_readable_sample_fails_cleanly_from_a_worker(tmp_path):
+    write_tar(tmp_path / "bad.tar", [(f"k{i}.jpg", b"broken") for i in range(5)])
+    src = source([str(tmp_path / "bad.tar")], workers=1, max_bad_fraction=1.0)
+    with pytest.raises(DataError) as e:
+        next(src.batches(16, 2))
+    msg = str(e.value)
+    assert msg.startswith("data stream 0: not one readable sample in 1 shard(s)") and "bad.tar" in msg
+    assert "Traceback" not in msg and "\n" not in msg
