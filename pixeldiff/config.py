@@ -41,6 +41,8 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     env: dict[str, str] = field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["ddp"] = "ddp"  # data parallelism across ranks (FSDP2 is not available yet)
+    compile: bool = False  # torch.compile the model (1.7x on an H200 at 512 px; minutes of compile at start)
 
 
 @dataclass

@@ -167,11 +167,14 @@ class Trainer:
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        # the one place the single-device model is wrapped for data parallelism
-        self.net = self.model
+        # the one place the single-device model is wrapped: data parallelism, then compilation
+        self.ddp = None
         if env.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.net = self.ddp or self.model
+        if m.cluster.compile:
+            self.net = torch.compile(self.net)
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
@@ -297,8 +300,8 @@ class Trainer:
             chunk = self.env.rank * accum + a  # this micro-batch's place in the global batch
             images, text, mask = self.next_batch(stage.resolution, micro, chunk)
             gen = chunk_generator(m.seed, st.step, chunk, self.device)
-            sync = a == accum - 1 or self.net is self.model  # all-reduce gradients once per step
-            with self.autocast, (nullcontext() if sync else self.net.no_sync()):
+            sync = a == accum - 1 or self.ddp is None  # all-reduce gradients once per step
+            with self.autocast, (nullcontext() if sync else self.ddp.no_sync()):
                 loss, x0_hat, t = self.objective.loss(self.net, images, text, mask, gen)
                 if self.perceptual:
                     terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}

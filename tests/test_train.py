@@ -223,3 +223,12 @@ def test_shipped_dryrun_manifest_runs_shortened(tmp_path):
     assert json.loads((run_dir / "plan.json").read_text())["total_steps"] == 6
     assert (run_dir / "samples" / "step-00000006.png").exists()
     assert checkpoint.latest_valid(run_dir / "checkpoints").name == "step-00000006"
+
+
+def test_compiled_training_logs_the_losses_of_eager_training(write_manifest, tmp_path):
+    """cluster.compile: the same run through torch.compile (the one compiled trainer test; ~1 min on 2 cores)."""
+    assert run_local(write_manifest(steps=(3, 0 + 1)), tmp_path / "eager") == 0
+    assert run_local(write_manifest(steps=(3, 1), cluster={"compile": True}), tmp_path / "compiled") == 0
+    eager = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "tiny" / "metrics.jsonl")]
+    compiled = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "tiny" / "metrics.jsonl")]
+    assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-3)
