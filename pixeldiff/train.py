@@ -182,6 +182,8 @@ class Trainer:
         self.step_s, self.checkpoint_s = 0.0, 10.0  # measured as the job runs; 10 s until the first save
         self._saved_step = -1
         self._measured_save = False
+        self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
+                           "python": platform.python_version(), "host": socket.gethostname()}
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         )
@@ -214,7 +216,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         self.state.rng = {"torch": torch.get_rng_state()}
-        meta = {"code_version": code_version(), "torch": torch.__version__, "python": platform.python_version(), "host": socket.gethostname()}
+        meta = self.provenance
         train_state = {**self.state.to_dict(), **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})}
         # data parallel: the weights and optimizer are the same on every rank, so rank 0 writes them;
         # every rank writes its own train state (data position, RNG)

@@ -82,7 +82,7 @@ def test_resume_with_a_different_layout_skips_nothing(tmp_path):
     second.load_state_dict(state)
     # the epoch's remaining shards, dealt to 3 streams from the start of each shard
     left = [i for p in second.positions.values() for i in p.remaining]
-    assert len(left) <= 6 - 0 and len(set(left)) == len(left)
+    assert len(left) <= 6 and len(set(left)) == len(left)
     epoch0 = (24 - len(head)) + 2 * 4  # worst case: the rest plus one partial shard per old stream
     tail = take_keys(second, (epoch0 + 1) // 2 + 6, micro=2)
     seen = set(head) | set(tail)
@@ -184,7 +184,7 @@ def test_training_counts_bad_samples_in_metrics_and_fails_past_the_limit(write_m
     write_tar(tmp_path / "mixed.tar", members)
     data = {"source": "webdataset", "shards": [str(tmp_path / "mixed.tar")], "workers": 0, "max_bad_fraction": 0.5,
             "text": {"max_tokens": 8, "dim": 16}}
-    manifest = write_manifest(name="badrun", steps=(30, 0 + 1), data=data)
+    manifest = write_manifest(name="badrun", steps=(30, 1), data=data)
     assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = read_jsonl(tmp_path / "runs" / "badrun" / "metrics.jsonl")
     counts = [r["bad_samples"].get("corrupt_image", 0) for r in rows]

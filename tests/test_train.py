@@ -145,7 +145,7 @@ def test_training_from_shards_resumes_bit_identical(write_manifest, tmp_path):
 
 
 def test_resume_ignores_a_partial_checkpoint(write_manifest, tmp_path, capsys):
-    manifest = write_manifest(steps=(20, 0 + 5))
+    manifest = write_manifest(steps=(20, 5))
     assert run_local(manifest, tmp_path) == 0
     ckpts = tmp_path / "tiny" / "checkpoints"
     valid, _ = checkpoint.list_checkpoints(ckpts)
@@ -227,7 +227,7 @@ def test_shipped_dryrun_manifest_runs_shortened(tmp_path):
 
 def test_compiled_training_logs_the_losses_of_eager_training(write_manifest, tmp_path):
     """cluster.compile: the same run through torch.compile (the one compiled trainer test; ~1 min on 2 cores)."""
-    assert run_local(write_manifest(steps=(3, 0 + 1)), tmp_path / "eager") == 0
+    assert run_local(write_manifest(steps=(3, 1)), tmp_path / "eager") == 0
     assert run_local(write_manifest(steps=(3, 1), cluster={"compile": True}), tmp_path / "compiled") == 0
     eager = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "tiny" / "metrics.jsonl")]
     compiled = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "tiny" / "metrics.jsonl")]
