@@ -1,7 +1,9 @@
-"""Single-process checkpoints: named parts in `step-NNNNNNNN/`, valid only with a marker.
+"""Checkpoints: named parts in `step-NNNNNNNN/`, valid only with a marker.
 
-A save writes every part into a hidden temporary directory, fsyncs, renames it to
-`step-N/` and only then writes the `COMPLETE` marker. A crash at any point leaves
+A save: one process creates a hidden temporary directory (`begin`), every rank writes its
+parts into it (`write_parts`: rank 0 the weights, EMA and optimizer, each rank its train
+state), and after a barrier one process fsyncs, renames it to `step-N/` and only then
+writes the `COMPLETE` marker (`commit`). A crash at any point leaves
 either the previous valid checkpoint or a directory without a marker, which
 `latest_valid` ignores (and says so). The newest `keep` valid checkpoints stay.
 """
@@ -102,12 +104,6 @@ def commit(root: Path, step: int, keep: int) -> tuple[Path, int]:
     nbytes = sum(p.stat().st_size for p in final.iterdir())
     prune(root, keep)
     return final, nbytes
-
-
-def save(root: Path, step: int, parts: dict, files: dict[str, str] | None = None, keep: int = 3) -> tuple[Path, int]:
-    """Single writer: `parts` (name -> state) and text `files` atomically as step-N/. -> (path, bytes)."""
-    write_parts(begin(root, step), parts, files)
-    return commit(root, step, keep)
 
 
 def prune(root: Path, keep: int) -> None:
