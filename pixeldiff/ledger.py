@@ -1,7 +1,24 @@
 """The run's append-only event ledger (`ledger.jsonl`), written by rank 0.
 
 Each event is one JSON line, flushed and fsynced, so a crash loses at most the
-line being written; a torn last line is skipped by `read_events`.
+line being written; a torn last line is skipped by `read_jsonl`. Every event has
+`event` and `time` (Unix seconds). The vocabulary:
+
+written by rank 0 of a job (pixeldiff.train):
+  segment_start     job_id, restart, nodes, gpus, nodelist, device, launcher, step
+  heartbeat         step                                  (every minute)
+  checkpoint_saved  step, checkpoint, seconds_blocked, bytes
+  stage_change      step, stage, previous
+  warning           message, step
+  budget_stop       step, billed_gpu_seconds
+  segment_end       reason (finished | budget | deadline | signal SIGxxx | failed: ...), step
+written by the launcher (login node, or the job's submitit wrapper):
+  job_submitted     job_id, nodes, gpus, exclude (list of nodes), partition
+  requeue_requested job_id, kind (timeout | preemption), restart
+  job_failed        job_id, node (or null), message, failures (consecutive start-up failures)
+  node_excluded     node, job_id, reason
+  cancel_requested  job_ids
+  run_stopped       reason (why the launcher will not submit or requeue again)
 """
 
 from __future__ import annotations
