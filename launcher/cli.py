@@ -1,7 +1,10 @@
 """`pixeldiff-launch`: plan and run a manifest.
 
-    pixeldiff-launch plan MANIFEST [--json] [--set key=value ...]
-    pixeldiff-launch run  MANIFEST [--local] [--detach] [--runs-dir DIR] [--set key=value ...]
+    pixeldiff-launch plan   MANIFEST [--json] [--set key=value ...]
+    pixeldiff-launch run    MANIFEST [--local] [--detach] [--runs-dir DIR] [--set key=value ...]
+    pixeldiff-launch status RUN_DIR [--json]
+    pixeldiff-launch watch  RUN_DIR [--once]
+    pixeldiff-launch cancel RUN_DIR [--wait SECONDS]
 
 Exit codes: 0 done, 2 bad input (message says what and how to fix), 128+N when a
 local run was stopped by signal N (it saved a checkpoint; run again to resume).
@@ -84,15 +87,59 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def run_state(run_dir: Path, events: list[dict]) -> str | None:
+    """'finished' or 'over_budget' when the run is over and must not be submitted again, else None."""
+    ends = [e for e in events if e["event"] == "segment_end"]
+    if ends and ends[-1].get("reason") == "finished":
+        return "finished"
+    if ends and ends[-1].get("reason") == "budget":
+        return "over_budget"
+    return None
+
+
+def cmd_run_slurm(args, m: Manifest) -> int:
+    import fcntl
+
+    from launcher.submit import SubmitError, events_of, submit, submitted_jobs
+    from slurm.commands import Slurm, SlurmError
+
+    run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
+    with open(run_dir / "submit.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `run`s of the same run directory: one submits, the other sees it
+        events = events_of(run_dir)
+        over = run_state(run_dir, events)
+        if over:
+            print(f"run {m.name} in {run_dir} is {over.replace('_', ' ')}; nothing to submit")
+            return 0
+        jobs = submitted_jobs(events)
+        try:
+            active = Slurm(min_interval_s=0).queue(jobs) if jobs else {}
+        except SlurmError as e:
+            raise UsageError(f"cannot ask Slurm whether run {m.name} is already queued: {e}") from None
+        if active:
+            job_id, q = next(iter(active.items()))
+            print(f"run {m.name} is already {q.state.lower()} as job {job_id}: not submitting a second copy")
+        else:
+            try:
+                job_id = submit(run_dir, m, why="resume" if resuming else "start")
+            except SubmitError as e:
+                raise UsageError(str(e)) from None
+            print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}: submitted Slurm job {job_id}")
+    if args.detach:
+        print(f"follow it with: pixeldiff-launch watch {run_dir}")
+        print(f"stop it cleanly with: pixeldiff-launch cancel {run_dir}")
+        return 0
+    from launcher import status
+
+    return status.watch(run_dir)
+
+
 def cmd_run(args) -> int:
     m = load_manifest(Path(args.manifest), args.set)
     local = args.local or m.cluster.backend == "local"
-    if not local:
-        raise UsageError(
-            f"{args.manifest}: cluster.backend is 'slurm', and Slurm submission is not available in this version yet; "
-            f"run it on this machine with --local"
-        )
     check_weights(m)
+    if not local:
+        return cmd_run_slurm(args, m)
     if m.cluster.backend != "local":  # a dry run of a cluster manifest: its own run directory
         m = dataclasses.replace(m, name=f"{m.name}-local", cluster=dataclasses.replace(m.cluster, backend="local"))
     run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
@@ -122,6 +169,44 @@ def cmd_run(args) -> int:
     return exit_code(reason)
 
 
+def cmd_cancel(args) -> int:
+    from launcher.submit import events_of, ledger_path, submitted_jobs
+    from pixeldiff.ledger import append_event
+    from slurm.commands import Slurm, SlurmError
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "manifest.yaml").exists():
+        raise UsageError(f"{run_dir} is not a run directory (no manifest.yaml); give the path printed by `run`")
+    events = events_of(run_dir)
+    slurm = Slurm(min_interval_s=0)
+    try:
+        active = slurm.queue(submitted_jobs(events))
+    except SlurmError as e:
+        raise UsageError(f"cannot reach Slurm to cancel the run: {e}") from None
+    t0 = time.time()
+    append_event(ledger_path(run_dir), "cancel_requested", job_ids=sorted(active))
+    if not active:
+        print(f"no job of {run_dir.name} is queued or running; marked as cancelled")
+        return 0
+    for job_id, q in active.items():
+        if q.state == "RUNNING":
+            print(f"job {job_id}: asking every task to checkpoint and stop (USR2)")
+            slurm.cancel(job_id, signal="USR2")
+    while time.time() - t0 < args.wait:  # the trainer saves and writes segment_end, then the job ends
+        ends = [e for e in events_of(run_dir) if e["event"] == "segment_end" and e["time"] >= t0]
+        if ends or not any(q.state == "RUNNING" for q in active.values()):
+            break
+        time.sleep(1.0)
+    else:
+        print(f"no checkpoint after {args.wait:g} s; cancelling anyway (the run resumes from its last checkpoint)")
+    for job_id in active:
+        slurm.cancel(job_id)
+    saved = [e for e in events_of(run_dir) if e["event"] == "checkpoint_saved" and e["time"] >= t0]
+    print(f"cancelled job(s) {', '.join(sorted(active))}"
+          + (f"; final checkpoint at step {saved[-1]['step']}" if saved else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pixeldiff-launch", description="Plan and run pixeldiff training manifests.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="return once the job has started")
     p.add_argument("--runs-dir", default="runs", help="where run directories live (default: ./runs)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cancel", help="ask a Slurm run to checkpoint and stop, then cancel its jobs")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the final checkpoint (default 300)")
+    p.set_defaults(func=cmd_cancel)
+    try:
+        from launcher import status
+    except ImportError:
+        status = None
+    if status is not None and hasattr(status, "add_parsers"):
+        status.add_parsers(sub)
     return ap
 
 

@@ -1,14 +1,53 @@
-"""The plan: what a manifest implies in steps, hours, GPU-hours and dollars.
+"""The plan: what a manifest implies in steps, hours, GPU-hours, dollars and Slurm jobs.
 
-A first version: stage by stage from the manifest's throughput estimates. The
-budget-aware segment planner (job segments, checkpoint interval, signal lead
-time) comes with the Slurm launcher.
+Stage by stage from the manifest's throughput estimates (`stages[].est_img_per_s_per_gpu`),
+then the job segments: the run is cut into Slurm jobs of `cluster.max_job_hours`, each
+losing its start-up and the margin before its end; the checkpoint time is estimated from
+the model's size, and sizes the USR2 lead time and the requeue limits.
 """
 
 from __future__ import annotations
 
+import math
+
 from pixeldiff.config import Manifest
 from pixeldiff.schedule import budget_gpu_hours, stage_steps
+
+STARTUP_S = 120.0  # a job's start-up before its first step (imports, NCCL, restore), an estimate
+WRITE_BYTES_PER_S = 1e9  # checkpoint write speed to shared storage, an estimate
+
+
+def checkpoint_bytes(m: Manifest) -> int:
+    """Bytes of one checkpoint: fp32 weights, EMA, and Adam's two moments (4 copies)."""
+    import torch
+
+    from pixeldiff.model import PixelDiT
+
+    with torch.device("meta"):
+        n = PixelDiT(m.model, m.data.text.dim).num_params()
+    return 4 * 4 * n
+
+
+def job_plan(m: Manifest, run_hours: float | None, stage_rows: list[dict]) -> dict:
+    """Job segments, checkpoint cadence, signal lead and requeue limits."""
+    c = m.cluster
+    limit_min = max(1, round(c.max_job_hours * 60))
+    ckpt_s = checkpoint_bytes(m) / WRITE_BYTES_PER_S / max(1, m.world_size if m.cluster.parallel != "ddp" else 1) + 5
+    lead = c.signal_lead_s or int(min(300, max(60, 1.5 * ckpt_s + 30)))
+    lead = min(lead, limit_min * 30)  # never more than half the job
+    startup = min(STARTUP_S, 0.25 * limit_min * 60)
+    usable_h = (limit_min * 60 - startup - lead) / 3600
+    segments = math.ceil(run_hours / usable_h) if run_hours and usable_h > 0 else None
+    every_min = []
+    for r in stage_rows:
+        if r["hours"] and r["steps"]:
+            every_min.append(m.checkpoint.interval_steps * r["hours"] * 60 / r["steps"])
+    return {
+        "time_limit_min": limit_min, "segments": segments, "signal_lead_s": lead,
+        "checkpoint_s_est": round(ckpt_s, 1), "checkpoint_every_min": [round(x, 1) for x in every_min],
+        "max_timeouts": c.max_timeouts or (2 * segments + 2 if segments else 10),
+        "max_preemptions": c.max_preemptions, "max_failures": c.max_failures,
+    }
 
 
 def make_plan(m: Manifest) -> dict:
@@ -40,6 +79,9 @@ def make_plan(m: Manifest) -> dict:
         binding = "wall clock"
     elif m.budget.usd and price:
         binding = "dollars"
+    run_hours = sum(r["hours"] for r in known) if total_gpu_hours is not None else None
+    if run_hours is not None and cap is not None:
+        run_hours = min(run_hours, cap / gpus)
     return {
         "name": m.name, "backend": m.cluster.backend, "gpus": gpus, "gpu_hour_usd": price, "stages": rows,
         "total_steps": sum(r["steps"] for r in rows),
@@ -47,6 +89,7 @@ def make_plan(m: Manifest) -> dict:
         "total_gpu_hours": total_gpu_hours,
         "total_usd": total_gpu_hours * price if total_gpu_hours is not None else None,
         "budget": {"usd": m.budget.usd, "wall_hours": m.budget.wall_hours, "gpu_hours": cap, "binding": binding},
+        "jobs": job_plan(m, run_hours, rows),
         "warnings": warnings,
     }
 
@@ -74,5 +117,12 @@ def format_plan(p: dict) -> str:
         caps.append(f"{b['wall_hours']:g} h wall clock")
     lines += ["", f"budget: {', '.join(caps) or 'none'}"
               + (f" -> {b['gpu_hours']:.1f} GPU-hours, {b['binding']} binds" if b["gpu_hours"] is not None else "")]
+    j = p["jobs"]
+    if p["backend"] == "slurm":
+        seg = f"{j['segments']} job(s)" if j["segments"] else "jobs"
+        lines.append(f"slurm: {seg} of {j['time_limit_min']} min, USR2 {j['signal_lead_s']} s before the limit; "
+                     f"checkpoint ~{j['checkpoint_s_est']:g} s every "
+                     f"{'/'.join(f'{x:g}' for x in j['checkpoint_every_min']) or '?'} min; requeue limits: "
+                     f"{j['max_timeouts']} timeouts, {j['max_preemptions']} preemptions, {j['max_failures']} failures")
     lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)

@@ -41,8 +41,15 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load ...)
     env: dict[str, str] = field(default_factory=dict)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    parallel: Literal["ddp"] = "ddp"  # data parallelism across ranks (FSDP2 is not available yet)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2, weights/grads/optimizer sharded
     compile: bool = False  # torch.compile the model (1.7x on an H200 at 512 px; minutes of compile at start)
+    # Slurm job control (the launcher)
+    cpus_per_task: int = 0  # 0 = the partition's default
+    exclude: list[str] = field(default_factory=list)  # nodes never to use, e.g. ["gpu-a07"]
+    signal_lead_s: int = 0  # USR2 this many seconds before the time limit; 0 = from the plan
+    max_timeouts: int = 0  # requeues after a time limit; 0 = from the plan (2 x segments + 2)
+    max_preemptions: int = 20  # requeues after a preemption (counted apart from timeouts)
+    max_failures: int = 3  # consecutive jobs failing before any progress, then the run stops
 
 
 @dataclass
@@ -155,9 +162,10 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None  # default: <run dir>/checkpoints; may be s3://
+    dir: Optional[str] = None  # default: <run dir>/checkpoints; may be s3:// (options from data.s3)
     interval_steps: int = 1000
     keep: int = 3
+    async_save: bool = True  # write in the background while training goes on; final saves are always synchronous
 
 
 @dataclass
@@ -308,6 +316,12 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"cluster: nodes and gpus_per_node must be >= 1, got {c.nodes} and {c.gpus_per_node}")
     if c.max_job_hours <= 0:
         raise ConfigError(f"cluster.max_job_hours: must be > 0, got {c.max_job_hours}")
+    for key in ("cpus_per_task", "signal_lead_s", "max_timeouts", "max_preemptions", "max_failures"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"cluster.{key}: must be >= 0, got {getattr(c, key)}")
+    if c.signal_lead_s and c.signal_lead_s >= c.max_job_hours * 3600 / 2:
+        raise ConfigError(f"cluster.signal_lead_s: {c.signal_lead_s} s is at least half the job's time limit "
+                          f"(cluster.max_job_hours = {c.max_job_hours}); use a smaller lead or longer jobs")
     try:
         mc = resolve_model_config(m.model)
     except ValueError as e:
@@ -372,6 +386,10 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"checkpoint.keep: must be >= 2 so a valid checkpoint survives a crash during a save, got {m.checkpoint.keep}")
     if m.checkpoint.interval_steps <= 0:
         raise ConfigError(f"checkpoint.interval_steps: must be > 0, got {m.checkpoint.interval_steps}")
+    if m.checkpoint.dir is not None:
+        scheme = m.checkpoint.dir.split("://", 1)[0] if "://" in m.checkpoint.dir else ""
+        if not m.checkpoint.dir.strip() or scheme not in ("", "s3"):
+            raise ConfigError(f"checkpoint.dir: {m.checkpoint.dir!r} must be a local path or an s3:// URL (or null)")
     lg = m.logging
     if lg.metrics_interval <= 0 or lg.sample_interval < 0 or lg.sample_steps <= 0:
         raise ConfigError("logging: metrics_interval and sample_steps must be > 0, sample_interval >= 0")

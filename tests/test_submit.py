@@ -1,0 +1,131 @@
+"""The launcher's decisions after a job segment, and the plan's job segments (pure; a fake clock)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.manifest import load_manifest
+from launcher.plan import make_plan
+from launcher.submit import (Action, SubmitError, failed_nodes, is_collective_error, next_action, rank_nodes,
+                             report_failure, time_limit_min)
+
+NOW = 1_800_000_000.0
+
+
+def manifest(**budget):
+    sets = [f"budget.{k}={v}" for k, v in budget.items()]
+    return load_manifest(Path("manifests/devcluster.yaml"), sets)
+
+
+def ev(event, t, **kw):
+    return {"event": event, "time": t, **kw}
+
+
+def started(t0=NOW - 100, gpus=4):
+    return [ev("job_submitted", t0 - 10, job_id="7"), ev("segment_start", t0, job_id="7", gpus=gpus, step=0)]
+
+
+def decide(m, events, reason, now=NOW, job_end=NOW + 600, max_timeouts=6, nodes=()):
+    return next_action(m, events, reason, now, job_end, max_timeouts, lead_s=15, failed_nodes=nodes)
+
+
+def test_finished_and_budget_end_the_run():
+    m = manifest()
+    assert decide(m, started(), "finished").kind == "none"
+    assert decide(m, started(), "budget").kind == "none"
+
+
+def test_deadline_requeues_as_a_timeout():
+    m = manifest()
+    a = decide(m, started(), "deadline")
+    assert (a.kind, a.requeue_kind) == ("requeue", "timeout")
+
+
+@pytest.mark.parametrize("seconds_before_end, kind", [(600, "preemption"), (200, "preemption"), (100, "timeout"), (20, "timeout")])
+def test_a_signal_is_a_timeout_near_the_limit_else_a_preemption(seconds_before_end, kind):
+    m = manifest()
+    a = decide(m, started(), "signal SIGUSR2", job_end=NOW + seconds_before_end)
+    assert (a.kind, a.requeue_kind) == ("requeue", kind)
+
+
+def test_requeue_limits_count_timeouts_and_preemptions_apart():
+    m = manifest()
+    ev_ = started() + [ev("requeue_requested", NOW - 50 + i, kind="timeout") for i in range(6)]
+    a = decide(m, ev_, "deadline", max_timeouts=6)
+    assert a.kind == "stop" and "max_timeouts" in a.message
+    assert decide(m, ev_, "signal SIGUSR2", job_end=NOW + 3600).kind == "requeue"  # a preemption still may
+    ev_ += [ev("requeue_requested", NOW - 40 + i, kind="preemption") for i in range(m.cluster.max_preemptions)]
+    assert decide(m, ev_, "signal SIGTERM", job_end=NOW + 3600).kind == "stop"
+
+
+def test_cancel_stops_requeueing_until_the_next_submission():
+    m = manifest()
+    ev_ = started() + [ev("cancel_requested", NOW - 5, job_ids=["7"])]
+    assert decide(m, ev_, "signal SIGUSR2").kind == "stop"
+    ev_ += [ev("job_submitted", NOW - 1, job_id="8")]  # resumed later with `run`
+    assert decide(m, ev_, "signal SIGUSR2").kind == "requeue"
+
+
+def test_failures_exclude_the_node_and_stop_after_max_failures_in_a_row():
+    m = manifest()  # max_failures 3
+    a = decide(m, started(), "failed: boom", nodes=("node2",))
+    assert (a.kind, a.exclude) == ("resubmit", ["node2"])
+    two = started() + [ev("job_failed", NOW - 60, job_id="7"), ev("job_failed", NOW - 30, job_id="8")]
+    a = decide(m, two, "failed: boom")
+    assert a.kind == "stop" and "3 jobs in a row" in a.message
+    reset = two + [ev("checkpoint_saved", NOW - 20, step=50)]  # progress in between: the count starts again
+    assert decide(m, reset, "failed: boom").kind == "resubmit"
+
+
+def test_budget_shrinks_the_last_job_then_stops():
+    # $1/GPU-hour, 4 GPUs: $0.4 = 1440 GPU-s = 360 s of the run
+    m = manifest(usd=0.4)
+    ev_ = started(t0=NOW - 100)  # 400 GPU-s billed so far (to the last event): 260 s left, more than 2 min
+    a = decide(m, ev_ + [ev("segment_end", NOW, reason="deadline")], "deadline")
+    assert a.kind == "requeue"
+    ev2 = started(t0=NOW - 250) + [ev("segment_end", NOW, reason="deadline")]  # 1000 GPU-s: 110 s left < 2 min
+    assert decide(m, ev2, "deadline").kind == "stop"
+    with pytest.raises(SubmitError, match="budget"):
+        time_limit_min(m, ev2, NOW)
+
+
+def test_time_limit_is_cut_to_the_wall_clock_budget():
+    m = load_manifest(Path("manifests/speedrun.yaml"), ["budget.usd=0"])
+    first = NOW - 22 * 3600
+    assert time_limit_min(m, [ev("segment_start", first, gpus=32)], NOW) == 120  # 2 h of the 24 left
+    assert time_limit_min(m, [ev("segment_start", NOW, gpus=32)], NOW) == 240
+
+
+def test_plan_sizes_segments_lead_and_requeue_limits():
+    p = make_plan(load_manifest(Path("manifests/speedrun.yaml"), []))["jobs"]
+    assert p["time_limit_min"] == 240 and 60 <= p["signal_lead_s"] <= 300
+    assert p["segments"] >= 24 * 60 / 240 and p["max_timeouts"] == 2 * p["segments"] + 2
+    dev = make_plan(load_manifest(Path("manifests/devcluster.yaml"), []))["jobs"]
+    assert dev["time_limit_min"] == 2 and dev["signal_lead_s"] == 15
+
+
+def test_collective_errors_are_told_apart_from_own_errors():
+    assert is_collective_error(RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    assert is_collective_error(RuntimeError("Timed out waiting 30000ms for recv operation to complete"))
+    assert not is_collective_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_collective_error(ValueError("injected start-up failure on node2"))
+
+
+def test_failed_nodes_blames_the_rank_with_its_own_error(tmp_path):
+    env = {"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "0", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "4"}
+    assert rank_nodes(env) == ["node1", "node1", "node2", "node2"]
+    report_failure(tmp_path, 2, RuntimeError("CUDA error: an illegal memory access"), {**env, "SLURMD_NODENAME": "node2"})
+    for r in (0, 1):
+        report_failure(tmp_path, r, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
+    nodes, first = failed_nodes(tmp_path, 4, env, wait_s=0.5)  # rank 3 reported nothing, rank 2 its own error
+    assert nodes == ["node2"] and "illegal memory access" in first
+
+
+def test_failed_nodes_blames_a_rank_that_died_silently(tmp_path):
+    env = {"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NODELIST": "node[3-4]", "SLURM_NTASKS": "4"}
+    for r in (0, 1, 2):
+        report_failure(tmp_path, r, RuntimeError("Connection reset by peer"), env)
+    nodes, first = failed_nodes(tmp_path, 4, env, wait_s=0.5)
+    assert nodes == ["node4"] and "3" in first and "died" in first
+    assert json.loads((tmp_path / "jobs" / "failures-9-1" / "rank00000.json").read_text())["collective"] is True
