@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pixeldiff.config import BudgetConfig
 
 
+LAST_JOB_S = 90.0  # a job ending this close to the budget's end is the run's last
+
+
 def margin_s(step_s: float, checkpoint_s: float, safety_s: float = 30.0) -> float:
     return 2 * step_s + 1.5 * checkpoint_s + safety_s
 
@@ -32,7 +35,8 @@ def billed_gpu_seconds(events: list[dict], until: float | None = None) -> float:
         if e["event"] == "segment_start":
             if start is not None:  # died without an end: closed at its last sign of life
                 total += gpus * max(0.0, last - start)
-            start, gpus, last = e["time"], e.get("gpus", 1), e["time"]
+            # a Slurm job's segment starts when Slurm allocated it (job_start), before the trainer's start-up
+            start, gpus, last = e.get("job_start", e["time"]), e.get("gpus", 1), e["time"]
         elif start is not None:
             last = e["time"]
             if e["event"] == "segment_end":
@@ -58,13 +62,23 @@ class Limits:
         cap = budget.usd / budget.gpu_hour_usd * 3600 if budget.usd and budget.gpu_hour_usd else None
         return cls(job_end, wall_end, cap, gpus)
 
+    def budget_end(self, now: float, billed_so_far: float) -> float | None:
+        """The moment the first budget cap is reached at the current spending rate (None: no cap)."""
+        ends = [t for t in (self.wall_end,) if t is not None]
+        if self.gpu_seconds_cap is not None:
+            ends.append(now + (self.gpu_seconds_cap - billed_so_far) / max(1, self.gpus))
+        return min(ends) if ends else None
+
     def check(self, now: float, billed_so_far: float, step_s: float, checkpoint_s: float) -> str | None:
-        """-> 'deadline' (the job's end is near), 'budget' (a budget cap is near) or None."""
+        """-> 'deadline' (the job's end is near), 'budget' (a budget cap is near) or None.
+
+        A job whose time limit was cut to the budget (the launcher rounds it down to whole minutes) ends less
+        than `LAST_JOB_S` before the budget does: its deadline is the budget's, and says so."""
         m = margin_s(step_s, checkpoint_s)
-        if self.wall_end is not None and now + m >= self.wall_end:
-            return "budget"
-        if self.gpu_seconds_cap is not None and billed_so_far + self.gpus * m >= self.gpu_seconds_cap:
+        budget_end = self.budget_end(now, billed_so_far)
+        if budget_end is not None and now + m >= budget_end:
             return "budget"
         if self.job_end is not None and now + m >= self.job_end:
-            return "deadline"
+            last_job = budget_end is not None and budget_end - self.job_end < LAST_JOB_S
+            return "budget" if last_job else "deadline"
         return None

@@ -22,6 +22,8 @@ def test_billed_gpu_seconds_closes_dead_segments_at_their_last_sign_of_life():
     assert billed_gpu_seconds(events[:3]) == 800
     assert billed_gpu_seconds(events[:6]) == 800 + 4 * 120  # no end and no `until`: to the last heartbeat
     assert billed_gpu_seconds(events, until=1050) == 800 + 480 + 2 * 50
+    # a Slurm job's allocation started before its trainer did
+    assert billed_gpu_seconds([ev("segment_start", 10, gpus=2, job_start=4), ev("segment_end", 20)]) == 2 * 16
 
 
 def test_limits_with_a_fake_clock():
@@ -38,6 +40,18 @@ def test_limits_with_a_fake_clock():
     far = Limits.from_run(BudgetConfig(wall_hours=1), [ev("segment_start", 0.0)], gpus=1, environ={})
     assert far.check(3600 - m, 0, step, ckpt) == "budget" and far.check(3600 - m - 1, 0, step, ckpt) is None
     assert Limits.from_run(BudgetConfig(), [], gpus=1, environ={}).check(1e12, 1e12, step, ckpt) is None
+
+
+def test_the_last_job_cut_to_the_budget_stops_for_the_budget():
+    step, ckpt = 1.0, 10.0
+    m = margin_s(step, ckpt)
+    # 4 GPUs, 400 GPU-seconds left at t=0: the budget ends at t=100; the job was given 1 minute (ends at 60)
+    lim = Limits(job_end=60.0, wall_end=None, gpu_seconds_cap=1000.0, gpus=4)
+    assert lim.budget_end(0.0, 600.0) == 100.0
+    assert lim.check(60 - m, 600.0 + 4 * (60 - m), step, ckpt) == "budget"
+    # a job ending well before the budget does is an ordinary deadline
+    far = Limits(job_end=60.0, wall_end=None, gpu_seconds_cap=10_000.0, gpus=4)
+    assert far.check(60 - m, 600.0 + 4 * (60 - m), step, ckpt) == "deadline"
 
 
 def test_a_job_saves_and_exits_before_its_deadline(write_manifest, tmp_path, monkeypatch):
