@@ -145,6 +145,7 @@ class Action:
     message: str = ""
     requeue_kind: str = ""  # timeout | preemption
     exclude: list[str] = field(default_factory=list)  # nodes newly excluded
+    stop_kind: str = ""  # for "stop": cancelled | failed | limits | budget
 
 
 def _since_last(events: list[dict], name: str) -> list[dict]:
@@ -159,12 +160,12 @@ def next_action(m: Manifest, events: list[dict], reason: str, now: float, job_en
     if reason in ("finished", "budget"):
         return Action("none", "finished" if reason == "finished" else "the budget is spent")
     if any(e["event"] == "cancel_requested" for e in _since_last(events, "job_submitted")):
-        return Action("stop", "cancelled by pixeldiff-launch cancel")
+        return Action("stop", "cancelled by pixeldiff-launch cancel", stop_kind="cancelled")
     if reason.startswith("failed"):
         failures = 1 + sum(1 for e in _since_last(events, "checkpoint_saved") if e["event"] == "job_failed")
         if failures >= m.cluster.max_failures:
             return Action("stop", f"{failures} jobs in a row failed without saving a checkpoint "
-                                  f"(cluster.max_failures = {m.cluster.max_failures}); last: {reason}")
+                                  f"(cluster.max_failures = {m.cluster.max_failures}); last: {reason}", stop_kind="failed")
         return Action("resubmit", f"job failed ({reason}); resubmitting", exclude=list(failed_nodes))
     # stopped before its time limit, or by a signal: timeout or preemption?
     near_end = job_end is not None and now >= job_end - lead_s - 90  # USR2 may come up to 60 s early
@@ -173,11 +174,12 @@ def next_action(m: Manifest, events: list[dict], reason: str, now: float, job_en
     cap = max_timeouts if kind == "timeout" else m.cluster.max_preemptions
     if done >= cap:
         what = "cluster.max_timeouts" if kind == "timeout" else "cluster.max_preemptions"
-        return Action("stop", f"{done} requeues after a {kind} already ({what} = {cap}); not requeueing")
+        return Action("stop", f"{done} requeues after a {kind} already ({what} = {cap}); not requeueing",
+                      stop_kind="limits")
     try:
         minutes = time_limit_min(m, events, now)
     except SubmitError as e:
-        return Action("stop", str(e))
+        return Action("stop", str(e), stop_kind="budget")
     full = max(1, round(m.cluster.max_job_hours * 60))
     if minutes < full:  # the job must shrink to stay inside the budget: a fresh job with a shorter limit
         return Action("resubmit", f"{kind}: resubmitting with a {minutes} min limit to stay inside the budget",
@@ -268,7 +270,7 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
     for node in action.exclude:
         append_event(led, "node_excluded", node=node, job_id=job_id, reason=action.message)
     if action.kind == "stop":
-        append_event(led, "run_stopped", reason=action.message, job_id=job_id)
+        append_event(led, "run_stopped", reason=action.message, kind=action.stop_kind, job_id=job_id)
     elif action.kind == "requeue":
         append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind,
                      restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
@@ -282,7 +284,8 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
         try:
             new = submit(run_dir, m, why=action.message)
         except SubmitError as e:
-            append_event(led, "run_stopped", reason=str(e), job_id=job_id)
+            append_event(led, "run_stopped", reason=str(e), kind="budget" if "budget" in str(e) else "failed",
+                         job_id=job_id)
             return
         print(f"pixeldiff: submitted job {new} to continue the run", flush=True)
     if action.message:

@@ -18,7 +18,8 @@ written by the launcher (login node, or the job's submitit wrapper):
   job_failed        job_id, node (or null), message, failures (consecutive start-up failures)
   node_excluded     node, job_id, reason
   cancel_requested  job_ids
-  run_stopped       reason (why the launcher will not submit or requeue again)
+  run_stopped       reason (why the launcher will not submit or requeue again),
+                    kind (cancelled | failed | limits | budget)
 """
 
 from __future__ import annotations

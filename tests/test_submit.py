@@ -85,7 +85,8 @@ def test_budget_shrinks_the_last_job_then_stops():
     a = decide(m, ev_ + [ev("segment_end", NOW, reason="deadline")], "deadline")
     assert a.kind == "requeue"
     ev2 = started(t0=NOW - 250) + [ev("segment_end", NOW, reason="deadline")]  # 1000 GPU-s: 110 s left < 2 min
-    assert decide(m, ev2, "deadline").kind == "stop"
+    a = decide(m, ev2, "deadline")
+    assert (a.kind, a.stop_kind) == ("stop", "budget")
     with pytest.raises(SubmitError, match="budget"):
         time_limit_min(m, ev2, NOW)
 
