@@ -75,10 +75,10 @@ def _line(*parts, style: str | None = None) -> Text:
 
 def header(s: dict) -> list[Text]:
     c = s["cluster"]
-    where = f"{c['backend']} {c['nodes']} node(s), {c['gpus']} GPU(s)" + (f" on {c['partition']}" if c.get("partition") else "")
-    state = s["state"].upper()
-    return [_line(Text("pixeldiff ", style="bold"), Text(s["name"], style="bold"), f"  {where}  ",
-                  Text(state, style=STATE_STYLE.get(s["state"], "")), f"  {clock(s['now'])} UTC"),
+    where = (f"{c['backend']} {c['nodes']}x{c['gpus'] // max(1, c['nodes'])} GPU" if c["backend"] == "slurm"
+             else f"local {c['gpus']} GPU") + (f" ({c['partition']})" if c.get("partition") else "")
+    return [_line(Text(s["name"], style="bold"), "  ", Text(s["state"].upper(), style=STATE_STYLE.get(s["state"], "")),
+                  f"  {where}  {clock(s['now'])}Z"),
             _line(f"{s['manifest']} — {s['state_reason']}", style="dim")]
 
 
@@ -92,6 +92,9 @@ def budget(s: dict, width: int) -> list[Text]:
     fc = s["forecast"]
     if s["state"] in ("finished",):
         fc_text = "done"
+    elif s["state"] in ("failed", "over_budget", "cancelled"):
+        more = f" (~{money(fc['usd'])} more to finish)" if fc["usd"] is not None and s["gpu_hour_usd"] else ""
+        fc_text = f"stopped with {fc['steps_left']} steps left{more}"
     elif fc["total_usd"] is None:
         fc_text = "forecast: unknown rate"
     else:
@@ -99,14 +102,17 @@ def budget(s: dict, width: int) -> list[Text]:
         if fc["cap_hit_first"]:
             fc_text += f" — {fc['cap']} cap hits first (in {duration(fc.get('seconds_to_cap'))})"
         elif fc["seconds"] is not None:
-            fc_text += f", done in {duration(fc['seconds'])}"
-    wall = f"wall {s['wall_hours_left']:.1f} h left" if s["wall_hours_left"] is not None else "no wall cap"
+            fc_text += f" in {duration(fc['seconds'])}"
+    wall = f"wall {s['wall_hours_left']:.1f}h left" if s["wall_hours_left"] is not None else "no wall cap"
+    off = s["ledger_vs_sacct_pct"]
+    recon = f"  |  ledger {off:+.1f}% vs sacct" if off is not None else ""
     return [_line("budget ", bar(frac, bw), f" {frac * 100:5.1f}%  {cap_text}  {gh_text}"),
-            _line(f"       {fc_text}  |  {wall}")]
+            _line(f"       {fc_text}  |  {wall}{recon}")]
 
 
 def stages(s: dict, width: int) -> list[Text]:
     name_w = max(len(st["stage"]) for st in s["stages"])
+    step_w = max(len(str(st["steps"])) for st in s["stages"])
     bw = max(8, min(40, width - name_w - 52))
     out = []
     for i, st in enumerate(s["stages"]):
@@ -114,10 +120,11 @@ def stages(s: dict, width: int) -> list[Text]:
         mark = "▶" if cur else ("✓" if st["done"] else " ")
         rate = f"{st['steps_per_s']:.2f} st/s" if st["steps_per_s"] else "- st/s"
         img = f"{st['img_per_s']:.0f} img/s" if st["img_per_s"] else "- img/s"
-        eta = "done" if st["done"] else f"ETA {duration(st['eta_s'])}"
+        eta = "done" if st["done"] else ("stopped" if s["state"] in ("failed", "over_budget", "cancelled")
+                                          else f"ETA {duration(st['eta_s'])}")
         est = "~" if st["rate_source"] == "plan" else ""
         out.append(_line(f"{mark}{st['stage']:<{name_w}} ", bar(st["fraction"], bw),
-                         f" {st['step']:>{len(str(st['steps']))}}/{st['steps']} {est}{rate} {est}{img} {eta}"))
+                         f" {st['step']:>{step_w}}/{st['steps']:<{step_w}} {est}{rate} {est}{img} {eta}"))
     return out
 
 
@@ -137,9 +144,7 @@ def goodput(s: dict) -> list[Text]:
     names = [("startup", "start-up"), ("checkpoint", "ckpt"), ("sampling", "sampling"), ("lost", "lost"),
              ("idle", "idle"), ("other", "other")]
     rest = "  ".join(f"{label} {b[k] * 100:.1f}%" for k, label in names if abs(b[k]) >= 0.0005)
-    off = s["ledger_vs_sacct_pct"]
-    recon = f"  (ledger vs sacct {off:+.1f}%)" if off is not None else ""
-    return [_line(Text(f"goodput {s['goodput'] * 100:.1f}%", style="bold"), f"  {rest}{recon}")]
+    return [_line(Text(f"goodput {s['goodput'] * 100:.1f}%", style="bold"), f"  {rest}")]
 
 
 def jobs(s: dict, rows: int, width: int) -> list[Text]:

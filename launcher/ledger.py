@@ -356,9 +356,14 @@ def goodput_breakdown(segs: list[Segment], unmatched_acct: list[AcctRecord], bil
                 tail_train = min(tail, max(0, done) * last_dt)
             train += tail_train
             parts["idle"] += g * (tail - tail_train)
-        # steps this segment trained past its last checkpoint, which the next segment trains again
+        # steps this segment trained past its last checkpoint, which the next segment trains again (or, for a
+        # last segment that died without saving, which any resume would)
+        redo = 0
         if k + 1 < len(segs):
             redo = max(0, s.max_step - segs[k + 1].start_step)
+        elif s.end_reason is None and s.end_source != "now":
+            redo = max(0, s.max_step - max([s.start_step] + [c[1] for c in s.checkpoints]))
+        if redo:
             lost = min(train, redo * step_time_of(s))
             parts["lost"] += g * lost
             train -= lost
@@ -535,7 +540,7 @@ def job_rows(events: list[dict], segs: list[Segment], view: SlurmView | None, no
             elapsed, left, nodes = (s.end or s.last_seen) - s.start, None, s.nodes
         else:
             state, elapsed, left, nodes = "SUBMITTED", None, None, sub.get("nodes")
-        rows.append({"job_id": j, "state": state, "nodes": nodes, "elapsed_s": elapsed, "time_left_s": left,
+        rows.append({"job_id": j, "state": str(state).split()[0], "nodes": nodes, "elapsed_s": elapsed, "time_left_s": left,
                      "requeues": requeues, "segments": len(mine),
                      "last_end_reason": next((s.end_reason for s in reversed(mine) if s.end_reason), None)})
     return rows
@@ -552,6 +557,25 @@ def describe(e: dict) -> str:
         return f"checkpoint at step {e.get('step')} ({e.get('seconds_blocked', 0):.1f} s blocked)"
     if k == "stage_change":
         return f"stage {e.get('previous')} -> {e.get('stage')} at step {e.get('step')}"
+    if k == "job_submitted":
+        ex = e.get("exclude") or []
+        return (f"job {e.get('job_id')} submitted: {e.get('nodes')} node(s), {e.get('gpus')} GPU(s)"
+                + (f", excluding {','.join(ex)}" if ex else ""))
+    if k == "requeue_requested":
+        return f"requeue job {e.get('job_id')} ({e.get('kind')}), restart {e.get('restart')}"
+    if k == "job_failed":
+        node = f" on {e['node']}" if e.get("node") else ""
+        return f"job {e.get('job_id')} failed{node}: {e.get('message')} (failures: {e.get('failures')})"
+    if k == "node_excluded":
+        return f"node {e.get('node')} excluded: {e.get('reason')}"
+    if k == "cancel_requested":
+        return f"cancel requested: jobs {', '.join(map(str, e.get('job_ids') or []))}"
+    if k == "run_stopped":
+        return f"run stopped: {e.get('reason')}"
+    if k == "budget_stop":
+        return f"budget stop at step {e.get('step')}"
+    if k == "warning":
+        return f"warning: {e.get('message')}"
     fields = ", ".join(f"{a}={b}" for a, b in e.items() if a not in skip)
     return f"{k.replace('_', ' ')}: {fields}" if fields else k
 
@@ -660,7 +684,9 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
                       "end_source": s.end_source, "end_reason": s.end_reason, "start_step": s.start_step,
                       "max_step": s.max_step, "billed_gpu_seconds": round(s.billed, 3)} for s in segs],
         "jobs": job_rows(events, segs, view, now),
-        "recent_events": [{"time": e["time"], "event": e["event"], "text": describe(e)} for e in events[-RECENT_EVENTS:]],
+        "recent_events": [{"time": e["time"], "event": e["event"], "text": describe(e)}
+                          for e in [e for e in events if e["event"] != "heartbeat"][-RECENT_EVENTS:]],
+        "last_heartbeat": max((e["time"] for e in events if e["event"] == "heartbeat"), default=None),
         "newest_sample": newest_sample(run.run_dir),
         "latest": {"step": last.get("step"), "time": last.get("time"), "losses": losses, "lr": last.get("lr"),
                    "grad_norm": last.get("grad_norm"), "img_per_s": last.get("img_per_s")},
