@@ -661,8 +661,9 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
     losses = {k: v for k, v in last.items() if k == "loss" or k.startswith("loss_")}
     notices = []
     if view is not None and view.error:
-        age = f", showing what it said {now - view.polled_at:.0f} s ago" if view.queue is not None else ", showing the ledger only"
-        notices.append(f"Slurm did not answer: {view.error}{age}")
+        shown = "its answer from before" if view.queue is not None else "the ledger only"
+        notices.append(f"Slurm did not answer at {time.strftime('%H:%M:%S', time.gmtime(view.polled_at or now))} "
+                       f"(showing {shown}): {view.error}")
     if backend == "slurm" and view is None:
         notices.append("no Slurm information (state from the ledger)")
     usd = lambda gs: gs / 3600 * price if price else 0.0
