@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from s3server import s3_endpoint  # noqa: F401  (one loopback S3 server per test session)
+from slurmdev import slurm_cluster  # noqa: F401  (one loopback Slurm cluster per test session)
 
 REPO = Path(__file__).resolve().parents[1]
 
