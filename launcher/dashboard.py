@@ -65,8 +65,11 @@ def clock(t: float | None) -> str:
 
 def _line(*parts, style: str | None = None) -> Text:
     t = Text(no_wrap=True, overflow="ellipsis", style=style or "")
-    for p in parts:
-        t.append(p) if isinstance(p, Text) else t.append(str(p))
+    for p in parts:  # one line, whatever the text holds
+        if isinstance(p, Text):
+            t.append(p if "\n" not in p.plain else Text(p.plain.replace("\n", " "), style=p.style))
+        else:
+            t.append(str(p).replace("\n", " "))
     return t
 
 

@@ -546,6 +546,12 @@ def job_rows(events: list[dict], segs: list[Segment], view: SlurmView | None, no
     return rows
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of a command's error (where Slurm's tools say what went wrong)."""
+    lines = [x.strip() for x in str(text).splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
 def describe(e: dict) -> str:
     k = e["event"]
     skip = {"event", "time"}
@@ -637,7 +643,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
         billed, source, off = ledger_billed, "ledger", None
     limits = Limits.from_run(m.budget, events, gpus, environ={})
     cap_gpu_s = limits.gpu_seconds_cap
-    wall_left = (limits.wall_end - now) / 3600 if limits.wall_end is not None else (
+    wall_left = max(0.0, limits.wall_end - now) / 3600 if limits.wall_end is not None else (
         m.budget.wall_hours if m.budget.wall_hours else None)
     gp = goodput_breakdown(segs, unmatched, billed, now)
 
@@ -663,7 +669,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
     if view is not None and view.error:
         shown = "its answer from before" if view.queue is not None else "the ledger only"
         notices.append(f"Slurm did not answer at {time.strftime('%H:%M:%S', time.gmtime(view.polled_at or now))} "
-                       f"(showing {shown}): {view.error}")
+                       f"(showing {shown}): {last_line(view.error)}")
     if backend == "slurm" and view is None:
         notices.append("no Slurm information (state from the ledger)")
     usd = lambda gs: gs / 3600 * price if price else 0.0

@@ -97,16 +97,21 @@ def test_the_recorded_runs_say_what_happened():
     assert recorded("cancelled")["state"] == "cancelled" and recorded("finished")["state"] == "finished"
 
 
-def cli(*args, check_tty=False):
+def cli(*args):
     return subprocess.run([sys.executable, "-m", "launcher.status", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=120)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_status_json_keys_and_exit_codes(name):
-    out = cli("status", str(RUNS / name), "--json", "--no-slurm", "--now", str(recorded_now(name)))
-    assert out.returncode == EXIT[name], out.stderr
-    s = json.loads(out.stdout)
+def test_status_json_keys_and_exit_codes(name, capsys):
+    argv = ["status", str(RUNS / name), "--json", "--no-slurm", "--now", str(recorded_now(name))]
+    if name == "running":  # once through a real process: the entry point, stdout a pipe
+        out = cli(*argv)
+        code, stdout = out.returncode, out.stdout
+    else:
+        code, stdout = status.main(argv), capsys.readouterr().out
+    assert code == EXIT[name]
+    s = json.loads(stdout)
     for key in ("state", "stage", "step", "total_steps", "billed_gpu_seconds", "usd_spent", "usd_forecast", "usd_cap",
                 "goodput", "goodput_breakdown", "wall_hours_left", "jobs", "recent_events", "newest_sample", "latest",
                 "stages", "ledger_vs_sacct_pct", "forecast", "notices"):
@@ -224,3 +229,16 @@ def test_a_slurm_error_with_once_still_draws_the_frame(monkeypatch):
     code = status.cmd_watch(watch_args("running", once=True), console=Console(file=out, force_terminal=False))
     assert code == 10  # no squeue: running from the last sign of life, 21 s old
     assert "! Slurm did not answer" in out.getvalue() and "showing the ledger only" in out.getvalue()
+
+
+def test_a_multi_line_slurm_error_stays_on_one_line(monkeypatch):
+    class Broken(FlakySlurm):
+        def queue(self, ids):
+            raise SlurmError("squeue ... failed with exit status 1: squeue: error: fetch_config: DNS SRV lookup failed\n"
+                             "squeue: fatal: Could not establish a configuration source")
+
+    s = summary(RUNS / "running", slurm=Broken("running"), now=recorded_now("running"))
+    assert "DNS SRV" in s["slurm"]["error"]  # the whole error in the JSON
+    assert s["notices"][0].endswith("squeue: fatal: Could not establish a configuration source")  # its last line
+    text = render(s, 80, 24)
+    assert len(text.rstrip("\n").split("\n")) <= 24 and "! Slurm did not answer" in text
