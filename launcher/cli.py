@@ -131,7 +131,8 @@ def cmd_run_slurm(args, m: Manifest) -> int:
         return 0
     from launcher import status
 
-    return status.watch(run_dir)
+    print("attaching the dashboard (Ctrl-C detaches; the jobs keep going)", flush=True)
+    return status.cmd_watch(argparse.Namespace(run_dir=str(run_dir), once=False, interval=2.0, no_slurm=False, now=None))
 
 
 def cmd_run(args) -> int:
@@ -232,12 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the final checkpoint (default 300)")
     p.set_defaults(func=cmd_cancel)
-    try:
-        from launcher import status
-    except ImportError:
-        status = None
-    if status is not None and hasattr(status, "add_parsers"):
-        status.add_parsers(sub)
+    from launcher import status
+
+    status.add_parsers(sub)
     return ap
 
 

@@ -254,13 +254,14 @@ def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = 
 def slurm_times(job_id: str) -> tuple[float | None, float | None]:
     """(start, end) of the running job, from `scontrol show job` (None when Slurm does not say)."""
     from slurm.commands import Slurm, SlurmError
+    from slurm.parse import job_times
 
     try:
-        info = Slurm(min_interval_s=0).job(job_id)
+        t = job_times(Slurm(min_interval_s=0).job(job_id))
     except SlurmError as e:
         print(f"pixeldiff: cannot read the job's end time from Slurm ({e}); relying on the USR2 signal", flush=True)
         return None, None
-    return info.get("start"), info.get("end")
+    return t["start"], t["end"]
 
 
 def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
@@ -307,10 +308,10 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
             os.environ["PIXELDIFF_DEADLINE"] = str(job_end)
         if start:
             os.environ["PIXELDIFF_JOB_START"] = str(start)
-    bad = environ.get("PIXELDIFF_TEST_FAIL_NODE")  # test hook: make the ranks on one node fail at start-up
+    bad = environ.get("PIXELDIFF_TEST_FAIL_NODES", "").split(",")  # test hook: ranks on these nodes fail at start-up
     try:
-        if bad and environ.get("SLURMD_NODENAME") == bad:
-            raise RuntimeError(f"injected start-up failure on {bad} (PIXELDIFF_TEST_FAIL_NODE)")
+        if environ.get("SLURMD_NODENAME") in bad:
+            raise RuntimeError(f"injected start-up failure on {environ['SLURMD_NODENAME']} (PIXELDIFF_TEST_FAIL_NODES)")
         reason = run_job(run_dir, log=lambda s: print(s, flush=True))
     except (ConfigError, KeyboardInterrupt):
         raise

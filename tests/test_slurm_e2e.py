@@ -1,0 +1,150 @@
+"""End to end on the real dev Slurm cluster (slurm/dev/): `pixeldiff-launch run` on manifests/devcluster.yaml.
+
+The whole run (2 nodes x 2 tasks, gloo on the CPU, two stages, 2-minute jobs) takes about 5 minutes, so it
+starts once per module, detached, and the shorter runs (a budget that runs out, a node that fails) run beside
+it on the other two nodes. Failures print the run's ledger and job logs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pixeldiff.deadline import billed_gpu_seconds
+from pixeldiff.ledger import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "manifests" / "devcluster.yaml"
+FULL_STEPS = (600, 500)  # at full speed ~500 steps fit in one 2-minute job: the run needs 3 or more
+
+
+def launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(runs: Path, name: str, env: dict, *sets: str) -> Path:
+    out = launch(["run", MANIFEST, "--detach", "--runs-dir", runs, "--set", f"name={name}", *sum((["--set", s] for s in sets), [])], env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "submitted Slurm job" in out.stdout, out.stdout
+    return runs / name
+
+
+def events(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "ledger.jsonl")
+
+
+def explain(run_dir: Path) -> str:
+    logs = sorted((run_dir / "jobs").glob("*/*_0_log.out"))
+    tails = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) for p in logs[-3:])
+    return "ledger:\n" + "\n".join(json.dumps(e)[:220] for e in events(run_dir)[-25:]) + "\n" + tails
+
+
+def wait_until(run_dir: Path, done, timeout: float, what: str) -> list[dict]:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        ev = events(run_dir)
+        if done(ev):
+            return ev
+        time.sleep(2)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s\n{explain(run_dir)}")
+
+
+def over(ev: list[dict]) -> bool:
+    return any(e["event"] in ("run_stopped",) for e in ev) or any(
+        e["event"] == "segment_end" and e["reason"] in ("finished", "budget") for e in ev)
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, tmp_path_factory):
+    base = tmp_path_factory.mktemp("slurm-e2e")
+    full = start(base, "e2e-full", slurm_cluster.env, f"stages[0].steps={FULL_STEPS[0]}", f"stages[1].steps={FULL_STEPS[1]}")
+    yield {"base": base, "full": full, "env": slurm_cluster.env}
+    for run_dir in base.iterdir():  # leave nothing queued for the next module
+        if not over(events(run_dir)):
+            launch(["cancel", run_dir, "--wait", "30"], slurm_cluster.env)
+
+
+def sacct(job_ids: list[str], env: dict):
+    from slurm.commands import Slurm
+
+    return Slurm(min_interval_s=0, env=env).accounting(job_ids)
+
+
+def test_a_dollar_budget_that_runs_out_mid_stage_stops_with_a_final_checkpoint(runs):
+    # $1 per GPU-hour, 4 GPUs: $0.17 = 612 GPU-seconds = 153 s of the run. The first 2-minute job ends inside
+    # the budget's last 90 s, so it is the last: the trainer stops for the budget, saves, and nothing requeues.
+    run_dir = start(runs["base"], "e2e-budget", runs["env"], "budget.usd=0.17")
+    ev = wait_until(run_dir, over, 240, "the budget stop")
+    submitted = [e for e in ev if e["event"] == "job_submitted"]
+    assert len(submitted) == 1 and submitted[0]["time_limit_min"] == 2
+    end = [e for e in ev if e["event"] == "segment_end"][-1]
+    assert end["reason"] == "budget", explain(run_dir)
+    assert 0 < end["step"] < FULL_STEPS[0] + 400  # mid-stage: the 32 px stage has 400 steps by default
+    assert any(e["event"] == "budget_stop" for e in ev)
+    assert not any(e["event"] == "requeue_requested" for e in ev)
+    assert (run_dir / "checkpoints" / f"step-{end['step']:08d}" / "COMPLETE").exists()
+    time.sleep(15)  # a requeue would show in the queue by now
+    from slurm.commands import Slurm
+
+    assert Slurm(min_interval_s=0, env=runs["env"]).queue([submitted[0]["job_id"]]) == {}
+    status = launch(["status", run_dir, "--json"], runs["env"])
+    assert status.returncode == 3 and json.loads(status.stdout)["state"] == "over_budget", status.stdout + status.stderr
+
+
+def test_a_node_that_fails_is_excluded_from_the_next_submission(runs):
+    # one node x 2 tasks; the ranks fail at start-up on nodes 1-3, so each failed job excludes its node
+    run_dir = start(runs["base"], "e2e-badnode", runs["env"], "cluster.nodes=1", "stages[0].global_batch=8",
+                    "stages[1].global_batch=8", "cluster.env.PIXELDIFF_TEST_FAIL_NODES=node1,node2,node3")
+    ev = wait_until(run_dir, lambda ev: sum(e["event"] == "job_submitted" for e in ev) >= 2, 180, "a resubmission")
+    failed = [e for e in ev if e["event"] == "job_failed"][0]
+    assert failed["node"] in ("node1", "node2", "node3") and "injected" in failed["message"]
+    assert any(e["event"] == "node_excluded" and e["node"] == failed["node"] for e in ev)
+    second = [e for e in ev if e["event"] == "job_submitted"][1]
+    assert failed["node"] in second["exclude"]
+    ev = wait_until(run_dir, lambda ev: any(e["event"] in ("segment_start", "run_stopped") and e.get("job_id") == second["job_id"]
+                                            for e in ev) or sum(e["event"] == "job_failed" for e in ev) >= 2, 180,
+                    "the second job")
+    starts = [e for e in ev if e["event"] == "segment_start" and e["job_id"] == second["job_id"]]
+    if starts:  # it ran, and not on the excluded node
+        assert failed["node"] not in starts[0]["nodelist"]
+    rec = [r for r in sacct([second["job_id"]], runs["env"]) if r.job_id == second["job_id"]]
+    assert rec and failed["node"] not in rec[-1].nodelist
+    out = launch(["cancel", run_dir, "--wait", "30"], runs["env"])
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
+    run_dir = runs["full"]
+    ev = wait_until(run_dir, over, 600, "the end of the full run")
+    ends = [e for e in ev if e["event"] == "segment_end"]
+    assert ends[-1]["reason"] == "finished", explain(run_dir)
+    assert ends[-1]["step"] == sum(FULL_STEPS)
+    assert any(e["event"] == "stage_change" and e["stage"] == "64px" for e in ev)
+    requeues = [e for e in ev if e["event"] == "requeue_requested"]
+    assert len(requeues) >= 2 and all(r["kind"] == "timeout" for r in requeues), explain(run_dir)
+    job_ids = {e["job_id"] for e in ev if e["event"] == "job_submitted"}
+    assert len(job_ids) == 1  # requeued, not resubmitted: one job id, restart count going up
+    restarts = [e["restart"] for e in ev if e["event"] == "segment_start"]
+    assert restarts == list(range(len(restarts))) and len(restarts) >= 3
+    # nothing trained twice, nothing lost: every segment resumes at the step the last one saved
+    starts = [e for e in ev if e["event"] == "segment_start"]
+    for prev_end, nxt in zip(ends, starts[1:]):
+        assert nxt["step"] == prev_end["step"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and all(b - a == 25 for a, b in zip(steps, steps[1:]))
+    # the ledger's billed GPU-seconds against Slurm's accounting: within 2%
+    records = sacct(sorted(job_ids), runs["env"])
+    assert len(records) == len(restarts)
+    slurm_gpu_s = sum(r.billed_gpu_seconds() for r in records)
+    assert all(r.alloc_gpus == 4 for r in records)
+    ledger_gpu_s = billed_gpu_seconds(ev)
+    assert abs(ledger_gpu_s - slurm_gpu_s) <= 0.02 * slurm_gpu_s, (ledger_gpu_s, slurm_gpu_s, [r for r in records])
+    status = launch(["status", run_dir, "--json"], runs["env"])
+    s = json.loads(status.stdout)
+    assert status.returncode == 0 and s["state"] == "finished" and s["step"] == sum(FULL_STEPS)
