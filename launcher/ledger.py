@@ -5,7 +5,8 @@ Pure functions over the run directory (`ledger.jsonl`, `metrics.jsonl`, `manifes
 as `now`, so tests use a fake clock. `summary(run_dir, slurm, now)` is what `status` prints
 and `watch` draws.
 
-Segments. One per `segment_start` (one run of one job). Its end is, in order of preference:
+Segments. One per `segment_start` (one run of one job), from its `job_start` (Slurm's allocation
+start, when the trainer knows it) or else its time. Its end is, in order of preference:
 its `segment_end` event; `now` while the run is live; `sacct`'s End for the matching run of
 the job; its last sign of life (the last trainer event or metrics record of the segment).
 Billed GPU-seconds = GPUs x (end - start).
@@ -251,8 +252,10 @@ def build_segments(events: list[dict], metrics: list[dict]) -> list[Segment]:
     for e in events:
         kind = e["event"]
         if kind == "segment_start":
+            # a Slurm job's segment bills from Slurm's allocation start (job_start), before the trainer's start-up
             segs.append(Segment(str(e.get("job_id", "?")), int(e.get("restart", 0) or 0), int(e.get("nodes", 1) or 1),
-                                int(e.get("gpus", 1) or 1), str(e.get("nodelist", "")), float(e["time"]),
+                                int(e.get("gpus", 1) or 1), str(e.get("nodelist", "")),
+                                float(min(e.get("job_start") or e["time"], e["time"])),
                                 int(e.get("step", 0) or 0), last_seen=float(e["time"]), max_step=int(e.get("step", 0) or 0)))
             continue
         if not segs or kind not in TRAINER_EVENTS or segs[-1].end_reason is not None:
@@ -460,17 +463,23 @@ def run_state(events: list[dict], segs: list[Segment], backend: str, live: bool 
     last_end = segs[-1].end_reason if segs else None
     open_seg = bool(segs) and segs[-1].open
     last_start_t = segs[-1].start if segs else float("-inf")
-    stopped = [e for e in events if e["event"] == "run_stopped"]
     cancels = [e for e in events if e["event"] == "cancel_requested"]
     submits = [e for e in events if e["event"] == "job_submitted"]
+    restarted = max([e["time"] for e in submits] + [last_start_t])
+    # run_stopped: the launcher will not go on (until someone runs the manifest again: a later submit or start)
+    stopped = [e for e in events if e["event"] == "run_stopped" and e["time"] >= restarted]
     budget_stop = any(e["event"] == "budget_stop" and e["time"] >= last_start_t for e in events)
     stop_reason = str(stopped[-1].get("reason", "")) if stopped else ""
+    stop_kind = str(stopped[-1].get("kind") or "") if stopped else ""
+    if stopped and not stop_kind:  # a ledger from before run_stopped had a kind
+        stop_kind = "budget" if "budget" in stop_reason.lower() else (
+            "cancelled" if "cancel" in stop_reason.lower() else "failed")
 
     if last_end == "finished":
         return "finished", "the last segment ended: finished"
     if not open_seg and (last_end == "budget" or budget_stop):
         return "over_budget", "the budget is spent (segment ended: budget)"
-    if stopped and "budget" in stop_reason.lower():
+    if stop_kind == "budget":
         return "over_budget", f"run stopped: {stop_reason}"
     queue = view.queue if view is not None else None
     ours = list(queue.values()) if queue else []
@@ -484,12 +493,12 @@ def run_state(events: list[dict], segs: list[Segment], backend: str, live: bool 
         return "running", f"the last sign of life is {now - segs[-1].last_seen:.0f} s old"
     if cancels and cancels[-1]["time"] >= max([e["time"] for e in submits], default=float("-inf")):
         return "cancelled", "cancel requested"
-    if stopped and "cancel" in stop_reason.lower():
+    if stop_kind == "cancelled":
         return "cancelled", f"run stopped: {stop_reason}"
     if last_end and last_end.startswith("failed"):
         return "failed", f"segment ended: {last_end}"
-    if stopped:
-        return "failed", f"run stopped: {stop_reason}"
+    if stopped:  # failed, or limits (too many requeues): it will not go on by itself
+        return "failed", f"run stopped ({stop_kind}): {stop_reason}"
     if open_seg:
         acct = segs[-1].acct
         if acct is not None and acct.state.split()[0] in FAILED_STATES + ("CANCELLED",):

@@ -92,7 +92,7 @@ def test_the_recorded_runs_say_what_happened():
     assert o["state"] == "over_budget" and o["usd_spent"] <= o["usd_cap"] and o["usd_spent"] > 0.9 * o["usd_cap"]
     assert o["forecast"]["cap_hit_first"] is True and o["jobs"][0]["requeues"] == 2
     f = recorded("failed")
-    assert f["state"] == "failed" and "start-up failures" in f["state_reason"]
+    assert f["state"] == "failed" and "failed without saving a checkpoint" in f["state_reason"]
     assert f["ledger_vs_sacct_pct"] < -5  # three jobs that failed before the trainer wrote anything
     assert recorded("cancelled")["state"] == "cancelled" and recorded("finished")["state"] == "finished"
 

@@ -123,6 +123,14 @@ def test_a_job_that_died_without_an_end_event_is_closed_at_sacct_end_and_sacct_b
     assert s["state"] == "failed" and "NODE_FAIL" in s["state_reason"]
 
 
+def test_a_segment_bills_from_slurms_allocation_start_when_the_trainer_knows_it(tmp_path):
+    events = [{**ONE[0], "job_start": 990.0}, *ONE[1:]]  # allocated 10 s before the trainer's segment_start
+    d = make_run(tmp_path, events, ONE_METRICS, steps=(30, 10))
+    s = summary(d, now=5000.0)
+    assert s["billed_gpu_seconds"] == pytest.approx(2 * 70) == billed_gpu_seconds(events)  # as the budget guard counts
+    assert s["goodput_gpu_seconds"]["startup"] == pytest.approx(2 * 30)
+
+
 def test_ledger_within_two_percent_of_sacct():
     """The reconciliation arithmetic: the ledger misses the allocation's first seconds, about 1%."""
     ledger, sacct_ = 8 * (3600 - 40), 8 * 3600  # segment_start 40 s after Slurm's Start
@@ -215,6 +223,14 @@ SUB = ev("job_submitted", 900.0, job_id="11", nodes=1, gpus=2)
     ([SUB, ONE[0], ev("segment_end", 1045.0, reason="signal SIGUSR2", step=9)], None, "queued"),  # preempted: requeue
     ([SUB, ev("job_failed", 950.0, job_id="11", message="boom", failures=3), ev("run_stopped", 951.0, reason="3 start-up failures")],
      None, "failed"),
+    ([SUB, ONE[0], ev("segment_end", 1045.0, reason="deadline", step=9),
+      ev("run_stopped", 1046.0, reason="3 requeues after a timeout already", kind="limits")], None, "failed"),
+    ([SUB, ONE[0], ev("segment_end", 1045.0, reason="deadline", step=9),
+      ev("run_stopped", 1046.0, reason="the next job would not fit in the budget", kind="budget")], None, "over_budget"),
+    ([SUB, ONE[0], ev("segment_end", 1045.0, reason="deadline", step=9),
+      ev("run_stopped", 1046.0, reason="cancelled by pixeldiff-launch cancel", kind="cancelled")], None, "cancelled"),
+    ([SUB, ev("run_stopped", 951.0, reason="x", kind="failed"), ev("job_submitted", 2000.0, job_id="12")],
+     None, "queued"),  # run again after it stopped: the new job is what counts
 ])
 def test_state_from_events_and_slurm(tmp_path, events, view, state):
     d = make_run(tmp_path, events)

@@ -70,7 +70,7 @@ class Sim:
         """One segment from time t at `step`; stops at until_step / until_t; `end` None = dies silently."""
         m = self.m
         self.ev("segment_start", t, job_id=job_id, restart=restart, nodes=m.cluster.nodes, gpus=self.gpus,
-                nodelist=nodelist, device="cuda:0", launcher="slurm", step=step)
+                nodelist=nodelist, device="cuda:0", launcher="slurm", step=step, job_start=round(t - 4.0, 1))
         t += startup_s
         window_t, window_img, beat, stage = t, 0, t, self.stage_at(step)
         saved = step
@@ -198,11 +198,11 @@ def over_budget() -> None:
         cap_t = T0 + 30 + 40 / 2.0 * 3600 / 8 - 400 if last else None
         t, step = sim.segment("9100", t, step, restart=restart, nodelist="gpu-07",
                               until_t=cap_t if last else t + 3600 - 150, end="budget" if last else "deadline")
-        recs.append(acct("9100", "COMPLETED" if last else "REQUEUED", round(start - 3, 1), round(t + 2, 1), 8, ["gpu-07"]))
+        recs.append(acct("9100", "COMPLETED" if last else "REQUEUED", round(start - 4, 1), round(t + 2, 1), 8, ["gpu-07"]))
         if not last:
             sim.ev("requeue_requested", t + 4, job_id="9100", kind="timeout", restart=restart + 1)
             t = start = t + 60
-    sim.ev("run_stopped", t + 5, reason="budget spent: segment ended with reason 'budget'")
+    sim.ev("run_stopped", t + 5, reason="the budget is spent", kind="budget", job_id="9100")
     sim.write("over_budget", t + 600, {"queue": {}, "accounting": recs})
 
 
@@ -222,7 +222,8 @@ def failed() -> None:
         recs.append(acct(job, "FAILED", t + 20, t + 50, 8, ["gpu-12"]))
         sim.ev("job_failed", t + 55, job_id=job, node=None, message="ImportError: libnccl.so.2 not found", failures=k + 1)
         t += 60
-    sim.ev("run_stopped", t, reason="3 consecutive start-up failures: ImportError: libnccl.so.2 not found")
+    sim.ev("run_stopped", t, reason="3 jobs in a row failed without saving a checkpoint (cluster.max_failures = 3); "
+                                   "last: ImportError: libnccl.so.2 not found", kind="failed", job_id="7303")
     sim.write("failed", t + 300, {"queue": {}, "accounting": recs})
 
 
@@ -237,8 +238,8 @@ def cancelled() -> None:
     sim.ev("checkpoint_saved", end - 2, step=740, checkpoint="s3://ckpt/cancelled/step-00000740", seconds_blocked=6.0,
            bytes=2_400_000_000)
     sim.ev("segment_end", end, reason="signal SIGTERM", step=740)
-    sim.ev("run_stopped", end + 3, reason="cancelled by the user")
-    sim.write("cancelled", end + 120, {"queue": {}, "accounting": [acct("5500", "CANCELLED by 1000", T0 + 25, end + 1, 8, ["gpu-04"])]})
+    sim.ev("run_stopped", end + 3, reason="cancelled by pixeldiff-launch cancel", kind="cancelled", job_id="5500")
+    sim.write("cancelled", end + 120, {"queue": {}, "accounting": [acct("5500", "CANCELLED by 1000", T0 + 24, end + 1, 8, ["gpu-04"])]})
 
 
 def finished(source: Path | None) -> None:
