@@ -193,18 +193,24 @@ def cmd_cancel(args) -> int:
         if q.state == "RUNNING":
             print(f"job {job_id}: asking every task to checkpoint and stop (USR2)")
             slurm.cancel(job_id, signal="USR2")
-    while time.time() - t0 < args.wait:  # the trainer saves and writes segment_end, then the job ends
-        ends = [e for e in events_of(run_dir) if e["event"] == "segment_end" and e["time"] >= t0]
-        if ends or not any(q.state == "RUNNING" for q in active.values()):
+    # the trainer saves and writes segment_end; then rank 0 records that it will not requeue, and the job ends
+    while time.time() - t0 < args.wait:
+        if any(e["event"] in ("run_stopped", "requeue_requested") and e["time"] >= t0 for e in events_of(run_dir)):
+            break
+        try:
+            still = slurm.queue(list(active))
+        except SlurmError:
+            still = active
+        if not any(q.state == "RUNNING" for q in still.values()):
             break
         time.sleep(1.0)
     else:
         print(f"no checkpoint after {args.wait:g} s; cancelling anyway (the run resumes from its last checkpoint)")
     for job_id in active:
         slurm.cancel(job_id)
-    saved = [e for e in events_of(run_dir) if e["event"] == "checkpoint_saved" and e["time"] >= t0]
+    ends = [e for e in events_of(run_dir) if e["event"] == "segment_end" and e["time"] >= t0]
     print(f"cancelled job(s) {', '.join(sorted(active))}"
-          + (f"; final checkpoint at step {saved[-1]['step']}" if saved else ""))
+          + (f"; final checkpoint at step {ends[-1]['step']}" if ends and "failed" not in ends[-1]["reason"] else ""))
     return 0
 
 

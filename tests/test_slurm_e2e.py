@@ -119,6 +119,24 @@ def test_a_node_that_fails_is_excluded_from_the_next_submission(runs):
     assert out.returncode == 0, out.stderr
 
 
+def test_cancel_checkpoints_then_cancels_and_nothing_requeues(runs):
+    run_dir = start(runs["base"], "e2e-cancel", runs["env"], "cluster.nodes=1", "stages[0].global_batch=8",
+                    "stages[1].global_batch=8")
+    wait_until(run_dir, lambda ev: any(e["event"] == "checkpoint_saved" for e in ev), 180, "a first checkpoint")
+    out = launch(["cancel", run_dir, "--wait", "60"], runs["env"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "final checkpoint at step" in out.stdout, out.stdout
+    ev = events(run_dir)
+    end = [e for e in ev if e["event"] == "segment_end"][-1]
+    assert end["reason"] == "signal SIGUSR2"
+    assert (run_dir / "checkpoints" / f"step-{end['step']:08d}" / "COMPLETE").exists()
+    stopped = [e for e in ev if e["event"] == "run_stopped"]
+    assert stopped and stopped[-1]["kind"] == "cancelled"
+    assert not any(e["event"] == "requeue_requested" for e in ev)
+    status = launch(["status", run_dir, "--json"], runs["env"])
+    assert status.returncode == 4 and json.loads(status.stdout)["state"] == "cancelled", status.stdout
+
+
 def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
     run_dir = runs["full"]
     ev = wait_until(run_dir, over, 600, "the end of the full run")
