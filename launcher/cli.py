@@ -79,9 +79,28 @@ def check_weights(m: Manifest) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+def apply_calibration(m: Manifest, path: Path) -> Manifest:
+    """Stages' throughput from a calibration file (tools/bench_step.py --calibration): img/s/GPU by resolution."""
+    try:
+        data = json.loads(path.read_text())
+        rates = {int(k): float(v) for k, v in data["img_per_s_per_gpu"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--calibration {path}: not a calibration file ({type(e).__name__}: {e}); write one with "
+                         f"tools/bench_step.py --calibration FILE") from None
+    stages = []
+    for s in m.stages:
+        if s.resolution not in rates:
+            print(f"warning: {path} has no {s.resolution} px measurement; stage {s.name} keeps its estimate",
+                  file=sys.stderr)
+        stages.append(dataclasses.replace(s, est_img_per_s_per_gpu=rates.get(s.resolution, s.est_img_per_s_per_gpu)))
+    return dataclasses.replace(m, stages=stages)
+
+
 def cmd_plan(args) -> int:
     m = load_manifest(Path(args.manifest), args.set)
     check_weights(m)
+    if args.calibration:
+        m = apply_calibration(m, Path(args.calibration))
     p = make_plan(m)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
     return 0
@@ -226,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the stages, steps, GPU-hours and dollars a manifest implies")
     common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="measured img/s per GPU by resolution (tools/bench_step.py --calibration) instead of the "
+                        "manifest's estimates")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="start or resume a run")

@@ -54,6 +54,36 @@ class StageSchedule:
         return min(bisect.bisect_right(self.ends, step), len(self.ends) - 1)
 
 
+def resplit(ends: tuple[int, ...], step: int, batches: list[int], rates: list[float | None], gpus: int,
+            seconds_left: float) -> tuple[int, ...]:
+    """Stage ends that fit the time the budget has left (`budget.policy: finish_stages`).
+
+    `rates[i]` is stage i's throughput in images/s per GPU (measured for the stages that ran, estimated for
+    the others; None when unknown). When the remaining steps of the current and later stages need more than
+    `seconds_left`, each one's remaining steps shrink by the same factor, so every stage still runs (at
+    least one step); otherwise nothing changes: a budget never lengthens the schedule. Finished stages and
+    the steps already taken are kept."""
+    cur = StageSchedule(ends).stage_at(step)
+    starts = [0, *ends[:-1]]
+    remaining = [max(0, ends[i] - max(step, starts[i])) for i in range(len(ends))]
+    if any(rates[i] is None or rates[i] <= 0 for i in range(cur, len(ends)) if remaining[i]):
+        return ends
+    need = sum(remaining[i] * batches[i] / (rates[i] * gpus) for i in range(cur, len(ends)))
+    if need <= seconds_left:
+        return ends
+    f = max(0.0, seconds_left) / need
+    out, total = [], 0
+    for i in range(len(ends)):
+        if i < cur:
+            n = ends[i] - starts[i]
+        else:
+            done = max(0, step - starts[i])
+            n = done + max(1, int(remaining[i] * f)) if remaining[i] else ends[i] - starts[i]
+        total += n
+        out.append(total)
+    return tuple(out)
+
+
 def lr_at(step: int, cfg: OptimizerConfig) -> float:
     """Linear warmup over warmup_steps, then constant (the speedrun's schedule)."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -130,3 +130,22 @@ def test_failed_nodes_blames_a_rank_that_died_silently(tmp_path):
     nodes, first = failed_nodes(tmp_path, 4, env, wait_s=0.5)
     assert nodes == ["node4"] and "3" in first and "died" in first
     assert json.loads((tmp_path / "jobs" / "failures-9-1" / "rank00000.json").read_text())["collective"] is True
+
+
+def test_plan_takes_measured_throughput_from_a_calibration_file(tmp_path):
+    from conftest import run_cli
+
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"device": "test", "img_per_s_per_gpu": {"512": 6.1}}))  # half the estimate
+    out = run_cli("launcher.cli", "plan", "manifests/speedrun.yaml", "--json", "--calibration", str(calib))
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    s512, s1024 = p["stages"]
+    assert s512["est_img_per_s_per_gpu"] == 6.1 and s1024["est_img_per_s_per_gpu"] == 9.5
+    assert "no 1024 px measurement" in out.stderr
+    # the stages take shares of the budget: half the speed, half the steps in the same GPU-hours
+    planned = make_plan(load_manifest(Path("manifests/speedrun.yaml"), []))["stages"][0]
+    assert abs(s512["steps"] - planned["steps"] / 2) <= 1 and abs(s512["gpu_hours"] - planned["gpu_hours"]) < 0.1
+    calib.write_text("{}")
+    bad = run_cli("launcher.cli", "plan", "manifests/speedrun.yaml", "--calibration", str(calib))
+    assert bad.returncode == 2 and "not a calibration file" in bad.stderr and "Traceback" not in bad.stderr

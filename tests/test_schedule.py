@@ -1,0 +1,32 @@
+"""Stage boundaries and the budget re-split (pure functions)."""
+
+from pixeldiff.schedule import StageSchedule, resplit
+
+
+def test_stage_at_boundaries():
+    s = StageSchedule((100, 150))
+    assert [s.stage_at(k) for k in (0, 99, 100, 149, 150, 10_000)] == [0, 0, 1, 1, 1, 1]
+
+
+def test_resplit_keeps_the_schedule_when_it_fits():
+    # 100 steps x 32 images at 8 img/s/GPU on 4 GPUs = 100 s, then 50 x 32 at 4 = 100 s: 200 s needed
+    assert resplit((100, 150), 0, [32, 32], [8.0, 4.0], 4, seconds_left=200) == (100, 150)
+    assert resplit((100, 150), 0, [32, 32], [8.0, 4.0], 4, seconds_left=1e9) == (100, 150)  # never lengthens
+
+
+def test_resplit_shrinks_every_remaining_stage_by_the_same_factor():
+    # at step 40 of stage 0: 60 steps left (60 s) + 50 steps of stage 1 (100 s) = 160 s needed, 80 s left: half
+    ends = resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=80)
+    assert ends == (40 + 30, 40 + 30 + 25)
+    need = (ends[0] - 40) * 32 / (8.0 * 4) + (ends[1] - ends[0]) * 32 / (4.0 * 4)
+    assert need <= 80
+
+
+def test_resplit_keeps_finished_stages_and_every_stage_runs():
+    # in stage 1 already: stage 0 keeps its 100 steps; a budget that is all but gone still leaves one step
+    assert resplit((100, 150), 120, [32, 32], [8.0, 4.0], 4, seconds_left=0) == (100, 121)
+    assert resplit((100, 150), 10, [32, 32], [8.0, 4.0], 4, seconds_left=0) == (11, 12)
+
+
+def test_resplit_without_a_rate_changes_nothing():
+    assert resplit((100, 150), 10, [32, 32], [8.0, None], 4, seconds_left=1) == (100, 150)
