@@ -8,6 +8,10 @@ Recognised launchers, in order:
 - otherwise one process.
 NCCL on GPUs, gloo on the CPU. Collectives time out (`timeout_s`), so a rank that dies
 makes the others fail in bounded time instead of hanging until the Slurm limit.
+
+Besides the default group, `init` makes a second, gloo group for checkpoint writes
+(`checkpoint_group()`): a checkpoint written in a background thread runs its collectives
+there, never interleaved with the training loop's collectives on the default group.
 """
 
 from __future__ import annotations
@@ -71,11 +75,39 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
                             **({"device_id": device} if device.type == "cuda" else {}))
+    global _checkpoint_group
+    _checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+_checkpoint_group = None
+
+
+def checkpoint_group():
+    """The process group of checkpoint collectives (None for one process)."""
+    return _checkpoint_group if dist.is_initialized() else None
 
 
 def shutdown() -> None:
+    global _checkpoint_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _checkpoint_group = None
+
+
+def device_mesh(device: torch.device):
+    """A 1-D mesh over all ranks (FSDP2 shards parameters along it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank (e.g. the checkpoint all ranks restore from)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_checkpoint_group)
+    return box[0]
 
 
 def all_mean(values: list[float], device: torch.device) -> list[float]:

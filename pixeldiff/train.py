@@ -116,8 +116,30 @@ def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> t
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters()):  # FSDP: both are DTensors sharded alike, a local op
         e.lerp_(p, 1 - decay)
+
+
+def shard_like(ema: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """Make `ema`'s parameters copies of `model`'s FSDP2 shards (DTensors): each rank keeps its shard of the EMA.
+
+    The EMA gets no FSDP hooks (it never runs forward sharded); sampling gathers its full state dict first."""
+    for name, p in model.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        setattr(ema.get_submodule(owner) if owner else ema, leaf, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    return ema
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm`; -> the norm before clipping (also with sharded DTensor grads)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):  # FSDP: partial norms of the shards; reduce over ranks
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm.item()
 
 
 @dataclass
@@ -147,7 +169,9 @@ class Trainer:
                                   f"x micro_batch")
         self.device = pick_device(m, env)
         self.schedule = StageSchedule.from_manifest(m)
-        self.ckpt_root = Path(m.checkpoint.dir) if m.checkpoint.dir else self.run_dir / "checkpoints"
+        d = m.checkpoint.dir
+        self.ckpt_root = (d if checkpoint.is_remote(d) else Path(d)) if d else self.run_dir / "checkpoints"
+        self.ckpt_options = storage_options_for(m) if checkpoint.is_remote(self.ckpt_root) else None
         self.encoder = make_text_encoder(m.data.text, self.device)
         if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
             null_text, null_mask = torch.zeros(1, m.data.text.max_tokens, m.data.text.dim), torch.zeros(1, m.data.text.max_tokens, dtype=torch.bool)
@@ -167,14 +191,7 @@ class Trainer:
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        # the one place the single-device model is wrapped: data parallelism, then compilation
-        self.ddp = None
-        if env.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.net = self.ddp or self.model
-        if m.cluster.compile:
-            self.net = torch.compile(self.net)
+        self.net, self.ddp, self.fsdp = self.wrap()
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
@@ -182,6 +199,8 @@ class Trainer:
         self.step_s, self.checkpoint_s = 0.0, 10.0  # measured as the job runs; 10 s until the first save
         self._saved_step = -1
         self._measured_save = False
+        self.saver = checkpoint.Saver(self.ckpt_root, m.checkpoint.keep, env.rank, self.ckpt_options,
+                                      distributed.checkpoint_group(), barrier=distributed.barrier)
         self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
                            "python": platform.python_version(), "host": socket.gethostname()}
         self.autocast = (
@@ -190,15 +209,64 @@ class Trainer:
 
     # ----- checkpoints
 
+    def wrap(self):
+        """The one place the single-device model is wrapped: data parallelism (DDP or FSDP2), then compilation.
+
+        -> (the module the loop calls, the DDP wrapper or None, whether FSDP2 shards the model)."""
+        env, c = self.env, self.m.cluster
+        ddp, fsdp = None, False
+        if env.world_size > 1 and c.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = distributed.device_mesh(self.device)
+            for block in self.model.blocks:  # each block's parameters are gathered just before it runs
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)  # the rest: embeddings, final layer
+            shard_like(self.ema, self.model)
+            fsdp = True
+        elif env.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        net = ddp or self.model
+        if c.compile:
+            net = torch.compile(net)
+        return net, ddp, fsdp
+
+    def no_sync(self, sync: bool):
+        """Gradient accumulation: reduce gradients over ranks only on the last micro-batch of a step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+            return nullcontext()
+        return nullcontext() if sync or self.ddp is None else self.ddp.no_sync()
+
+    # ----- checkpoints
+
+    def state_dicts(self) -> dict:
+        """Model, EMA and optimizer state keyed by parameter name: this rank's shards (FSDP) or whole tensors."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.opt)
+        return {"model": model, "ema": get_model_state_dict(self.ema), "optimizer": optimizer}
+
+    def load_state_dicts(self, parts: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.opt, model_state_dict=parts["model"], optim_state_dict=parts["optimizer"])
+        self.ema.load_state_dict(parts["ema"])
+
     def restore(self) -> bool:
-        path = checkpoint.latest_valid(self.ckpt_root, log=self.log)
+        path = None
+        if self.env.is_main:  # one decision for all ranks
+            path = checkpoint.latest_valid(self.ckpt_root, log=self.log, storage_options=self.ckpt_options)
+        path = distributed.broadcast_object(None if path is None else str(path))
         if path is None:
             return False
-        parts = checkpoint.load(path, names=("model", "ema", "optimizer"))
-        self.model.load_state_dict(parts["model"])
-        self.ema.load_state_dict(parts["ema"])
-        self.opt.load_state_dict(parts["optimizer"])
-        ranks = checkpoint.rank_states(path)  # rank -> train_state, as saved by each rank
+        if not checkpoint.is_remote(path):
+            path = Path(path)
+        parts = self.state_dicts()  # the layout to fill: DCP reads whatever shards this rank needs
+        checkpoint.load_into(path, parts, distributed.checkpoint_group(), self.ckpt_options)
+        self.load_state_dicts(parts)
+        ranks = checkpoint.rank_states(path, self.ckpt_options)  # rank -> train_state, as saved by each rank
         ts = ranks.get(self.env.rank, ranks[0])
         self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
         if isinstance(self.data, ShardSource):
@@ -211,33 +279,30 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
         return True
 
-    def save(self) -> None:
-        if self._saved_step == self.state.step:  # e.g. a signal right after an interval save
-            return
-        t0 = time.perf_counter()
-        self.state.rng = {"torch": torch.get_rng_state()}
-        meta = self.provenance
-        train_state = {**self.state.to_dict(), **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})}
-        # data parallel: the weights and optimizer are the same on every rank, so rank 0 writes them;
-        # every rank writes its own train state (data position, RNG)
-        parts = {f"train_state-rank{self.env.rank:05d}": train_state}
-        files = {}
-        if self.env.is_main:
-            parts.update(model=self.model.state_dict(), ema=self.ema.state_dict(), optimizer=self.opt.state_dict())
-            files = {"manifest.yaml": dump_yaml(self.m), "provenance.json": json.dumps(meta, indent=1)}
-            checkpoint.begin(self.ckpt_root, self.state.step)
-        distributed.barrier()
-        checkpoint.write_parts(self.ckpt_root / f".tmp-step-{self.state.step:08d}", parts, files)
-        distributed.barrier()
-        if self.env.is_main:
-            path, nbytes = checkpoint.commit(self.ckpt_root, self.state.step, keep=self.m.checkpoint.keep)
-        distributed.barrier()
-        self._saved_step = self.state.step
-        blocked = time.perf_counter() - t0
-        self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, blocked)
-        self._measured_save = True
-        if self.env.is_main:
-            self.event("checkpoint_saved", step=self.state.step, checkpoint=str(path), seconds_blocked=round(blocked, 3), bytes=nbytes)
+    def save(self, final: bool = False) -> None:
+        """Save at this step (all ranks). In the background when checkpoint.async_save, except a `final` save,
+        which is complete (marker written) when this returns."""
+        if self._saved_step != self.state.step:  # else e.g. a signal right after an interval save
+            self.state.rng = {"torch": torch.get_rng_state()}
+            train_state = {**self.state.to_dict(), **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})}
+            files = {f"train_state-rank{self.env.rank:05d}.pt": checkpoint.torch_bytes(train_state)}
+            if self.env.is_main:
+                files.update({"manifest.yaml": dump_yaml(self.m).encode(),
+                              "provenance.json": json.dumps(self.provenance, indent=1).encode()})
+            background = self.m.checkpoint.async_save and not final
+            self.report_saves(self.saver.save(self.state.step, self.state_dicts(), files, background))
+            self._saved_step = self.state.step
+        if final:
+            self.report_saves(self.saver.wait())
+
+    def report_saves(self, records: list[dict]) -> None:
+        """Finished saves: the ledger event (rank 0), and the save time the deadline margin plans for."""
+        for r in records:
+            write_s = r["seconds_write"]  # a final save is synchronous: it takes the whole write time
+            self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, write_s)
+            self._measured_save = True
+            self.event("checkpoint_saved", **{k: r[k] for k in ("step", "checkpoint", "seconds_blocked",
+                                                                 "seconds_write", "bytes", "async") if k in r})
 
     # ----- outputs
 
@@ -251,12 +316,26 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def sampling_ema(self) -> torch.nn.Module | None:
+        """The EMA as one whole module on rank 0 (None elsewhere); with FSDP every rank takes part in gathering it."""
+        if not self.fsdp:
+            return self.ema if self.env.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        ema = PixelDiT(self.m.model, self.m.data.text.dim)
+        ema.load_state_dict(full)
+        return ema.to(self.device)
+
     def write_samples(self) -> Path | None:
         lg, stage = self.m.logging, self.m.stages[self.state.stage]
         out = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
-        if not self.env.is_main:
+        ema = self.sampling_ema()
+        if ema is None:
             return None
-        render_grid(self.ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
+        render_grid(ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
                     per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
         return out
 
@@ -302,8 +381,7 @@ class Trainer:
             chunk = self.env.rank * accum + a  # this micro-batch's place in the global batch
             images, text, mask = self.next_batch(stage.resolution, micro, chunk)
             gen = chunk_generator(m.seed, st.step, chunk, self.device)
-            sync = a == accum - 1 or self.ddp is None  # all-reduce gradients once per step
-            with self.autocast, (nullcontext() if sync else self.ddp.no_sync()):
+            with self.autocast, self.no_sync(a == accum - 1):  # reduce gradients once per step
                 loss, x0_hat, t = self.objective.loss(self.net, images, text, mask, gen)
                 if self.perceptual:
                     terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}
@@ -314,7 +392,7 @@ class Trainer:
             total += loss.item() / accum
         st.samples_seen += stage.global_batch
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = clip_gradients(list(self.model.parameters()), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
@@ -332,12 +410,13 @@ class Trainer:
         past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
         self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size)
         self.billed_before = billed_gpu_seconds(past)
-        self.segment_t0 = time.time()
+        self.segment_t0 = float(os.environ.get("PIXELDIFF_JOB_START") or time.time())  # billing starts with the allocation
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
                    nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
-                   launcher=self.env.launcher, step=st.step)
+                   launcher=self.env.launcher, step=st.step,
+                   **({"job_start": float(os.environ["PIXELDIFF_JOB_START"])} if os.environ.get("PIXELDIFF_JOB_START") else {}))
         self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
         for message in self.perceptual.warnings:  # on every start, and in the ledger
@@ -356,7 +435,8 @@ class Trainer:
             raise
         finally:
             self.close_data()
-        self.save()
+        self.save(final=True)  # complete, marker written, before anything else: a signal's deadline may be near
+        self.saver.close()
         if self.stop_code == DEADLINE_STOP:
             reason = "deadline"
             self.log(f"stopped at step {st.step} before the job's end time; run again (or requeue) to resume")
@@ -422,6 +502,7 @@ class Trainer:
             if time.time() - last_heartbeat > 60:
                 self.event("heartbeat", step=st.step)
                 last_heartbeat = time.time()
+            self.report_saves(self.saver.poll())  # a background save that finished since the last step
             if st.step % m.checkpoint.interval_steps == 0:
                 self.save()
             if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:

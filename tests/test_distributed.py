@@ -115,9 +115,10 @@ def test_signal_to_one_rank_stops_all_and_resumes_on_another_world_size(write_ma
         assert rows[-1]["bad_samples"] == {}
 
 
-def test_a_killed_rank_makes_the_other_exit_in_bounded_time(write_manifest, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_killed_rank_makes_the_other_exit_in_bounded_time(write_manifest, tmp_path, parallel):
     """No launcher to clean up (plain processes with RANK/WORLD_SIZE): the survivor must not hang."""
-    manifest = ddp_manifest(write_manifest, (100000, 1))
+    manifest = ddp_manifest(write_manifest, (100000, 1), cluster={"parallel": parallel}, checkpoint={"interval_steps": 3})
     run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
     port = str(29000 + os.getpid() % 1000)
     procs = []
@@ -135,3 +136,68 @@ def test_a_killed_rank_makes_the_other_exit_in_bounded_time(write_manifest, tmp_
     out, _ = procs[0].communicate(timeout=90)
     assert procs[0].returncode != 0, out
     assert time.time() - t0 < 60, "the surviving rank waited too long"
+
+
+# ---------------------------------------------------------------- FSDP2, sharded checkpoints
+
+from distutil import collect, spawn_ranks, wait_until  # noqa: E402
+
+
+def test_fsdp_on_two_and_four_ranks_matches_one_process(write_manifest, tmp_path):
+    """cluster.parallel: fsdp; the same global batch on 1 process (4 accumulated micro-batches), 2 and 4 ranks."""
+    stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 2, "steps": 4},
+              {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 2, "steps": 2}]
+    manifest = write_manifest(name="fsdp", stages=stages, cluster={"parallel": "fsdp"},
+                              checkpoint={"interval_steps": 3}, logging={"sample_interval": 6})
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "one")]) == 0
+    one = read_jsonl(tmp_path / "one" / "fsdp" / "metrics.jsonl")
+    w1 = weights(tmp_path / "one" / "fsdp")
+    e1 = checkpoint.load(checkpoint.latest_valid(tmp_path / "one" / "fsdp" / "checkpoints"), names=("ema",))["ema"]
+    for n in (2, 4):
+        run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / str(n))
+        proc = torchrun(run_dir, n)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        rows = read_jsonl(run_dir / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(1, 7))
+        for a, b in zip(one, rows):
+            assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (n, a, b)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        ckpt = checkpoint.latest_valid(run_dir / "checkpoints")
+        assert sorted(p.name for p in ckpt.glob("__*.distcp")) == [f"__{r}_0.distcp" for r in range(n)]  # each rank its shard
+        parts = checkpoint.load(ckpt, names=("model", "ema"))
+        for k in w1:
+            torch.testing.assert_close(parts["model"][k], w1[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(parts["ema"][k], e1[k], rtol=1e-4, atol=1e-5)
+        assert (run_dir / "samples" / "step-00000006.png").exists()  # the EMA gathered from the shards on rank 0
+        saves = [e for e in read_jsonl(run_dir / "ledger.jsonl") if e["event"] == "checkpoint_saved"]
+        assert [(e["step"], e["async"]) for e in saves] == [(3, True), (6, True)]
+
+
+def test_sigterm_to_every_fsdp_rank_saves_and_resumes_in_one_process(write_manifest, tmp_path):
+    """Slurm signals every task; each rank gets SIGTERM at its own random moment. All save the same step together,
+    exit 143 without a traceback; the sharded checkpoint resumes in one process (resharded)."""
+    import random
+
+    stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": 400},
+              {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 4, "steps": 10}]
+    manifest = write_manifest(name="fsdpsig", stages=stages, cluster={"parallel": "fsdp"},
+                              checkpoint={"interval_steps": 5})
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+    procs = spawn_ranks(run_dir, 2)
+    at = random.randint(8, 40)
+    wait_until(lambda: (read_jsonl(run_dir / "metrics.jsonl") or [{}])[-1].get("step", 0) >= at, procs,
+               what=f"step {at}")
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        time.sleep(random.uniform(0, 0.3))
+    outs = [collect(p) for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in out, (at, out)
+    end = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    assert end["event"] == "segment_end" and end["reason"] == "signal SIGTERM" and at <= end["step"] < 410
+    ckpt = checkpoint.latest_valid(run_dir / "checkpoints")
+    assert ckpt.name == f"step-{end['step']:08d}" and len(list(ckpt.glob("train_state-rank*.pt"))) == 2
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 411))
