@@ -37,10 +37,9 @@ CPUS_PER_NODE = 8
 PARTITION = "dev"
 CLUSTER_NAME = "pixeldiff-dev"
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
-PROGRAMS = ("slurmctld", "slurmd", "slurmdbd", "sinfo", "squeue", "sacct", "sbatch", "scontrol", "munged",
-            "mariadbd", "mariadb-install-db")
+PROGRAMS = ("slurmctld", "slurmd", "slurmdbd", "sinfo", "squeue", "sacct", "sbatch", "scontrol", "munged", "munge",
+            "unmunge", "mariadbd", "mariadb-install-db")
 CLIENT_TIMEOUT_S = 10
-MUNGE_SOCKET = "/run/munge/munge.socket.2"
 
 
 class DevClusterError(RuntimeError):
@@ -149,6 +148,7 @@ class DevCluster:
         self.max_time_min = max_time_min
         self.etc, self.log, self.pids = self.base / "etc", self.base / "log", self.base / "pids"
         self.conf = self.etc / "slurm.conf"
+        self.munge_socket = self.base / "run" / "munge.socket"
 
     # -- what clients need
 
@@ -176,7 +176,7 @@ class DevCluster:
         return {name: pid_alive(pid) for name, pid in self.daemons().items()}
 
     def expected_daemons(self) -> list[str]:
-        return ["mariadb", "slurmdbd", "slurmctld", *[f"slurmd-{n}" for n in NODES]]
+        return ["munged", "mariadb", "slurmdbd", "slurmctld", *[f"slurmd-{n}" for n in NODES]]
 
     def is_running(self) -> bool:
         alive = self.alive()
@@ -340,17 +340,17 @@ class DevCluster:
         return proc.pid
 
     def _start_munge(self, timeout: float) -> None:
-        if _munge_works():
-            return  # a munged is already serving the default socket (ours from before, or the machine's)
-        run_dir = Path(MUNGE_SOCKET).parent
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.chown(run_dir, "munge", "munge")
-        run_dir.chmod(0o755)
-        if not Path("/etc/munge/munge.key").exists():
-            raise DevClusterError("/etc/munge/munge.key is missing: reinstall munge (`apt-get install --reinstall munge`) "
-                                  "or create one with `mungekey --create` as user munge")
-        self._spawn("munged", ["munged", "--foreground"], user="munge")
-        wait_for("munged", _munge_works, timeout, self.log / "munged.out")
+        """This cluster's own munged (own key and socket under BASE): stopping it never breaks another cluster
+        or the machine's munge, and nothing needs /etc/munge or /run/munge."""
+        key = self.etc / "munge.key"
+        if not key.exists():
+            key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o600)
+        self.munge_socket.unlink(missing_ok=True)
+        self._spawn("munged", ["munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
+                               f"--pid-file={self.base / 'run' / 'munged.pid'}", f"--seed-file={self.base / 'run' / 'munged.seed'}",
+                               f"--log-file={self.log / 'munged.log'}"])
+        wait_for("munged", lambda: _munge_works(self.munge_socket), timeout, self.log / "munged.out")
 
     def _start_mariadb(self, timeout: float) -> None:
         datadir = self.base / "mysql"
@@ -400,12 +400,12 @@ class DevCluster:
         dbd.write_text(slurmdbd_conf(self.base, self.ports, pw.read_text().strip()))
 
 
-def _munge_works() -> bool:
+def _munge_works(sock: Path) -> bool:
     try:
-        enc = subprocess.run(["munge", "-n"], capture_output=True, timeout=5, stdin=subprocess.DEVNULL)
+        enc = subprocess.run(["munge", "-S", str(sock), "-n"], capture_output=True, timeout=5, stdin=subprocess.DEVNULL)
         if enc.returncode != 0:
             return False
-        dec = subprocess.run(["unmunge"], input=enc.stdout, capture_output=True, timeout=5)
+        dec = subprocess.run(["unmunge", "-S", str(sock)], input=enc.stdout, capture_output=True, timeout=5)
         return dec.returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -448,7 +448,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
-AuthInfo=cred_expire=10
+AuthInfo=socket={base}/run/munge.socket,cred_expire=10
 StateSaveLocation={base}/state
 SlurmdSpoolDir={base}/spool/%n
 SlurmctldPidFile={base}/run/slurmctld.pid
@@ -472,6 +472,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort={ports.slurmdbd}
 AccountingStorageTRES=gres/gpu
+# the munge socket for talking to slurmdbd (AuthInfo's socket= does not cover that connection)
+AccountingStoragePass={base}/run/munge.socket
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 NodeName=node[1-4] NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports.slurmd(0)}-{ports.slurmd(3)} \
@@ -487,6 +489,7 @@ def gres_conf(base: Path) -> str:
 def slurmdbd_conf(base: Path, ports: Ports, password: str) -> str:
     return f"""\
 AuthType=auth/munge
+AuthInfo=socket={base}/run/munge.socket
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort={ports.slurmdbd}
