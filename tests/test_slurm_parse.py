@@ -142,7 +142,8 @@ def test_sacct_skips_job_steps():
 
 
 def test_sacct_running_record_counts_to_now():
-    line = "9|x|RUNNING|2026-11-27T23:34:49|2026-11-27T23:34:49|Unknown|20|10|billing=8,cpu=8,gres/gpu=8,node=1|1|node2|0:0"
+    line = ("9|x|RUNNING|2026-11-27T23:34:49|2026-11-27T23:34:49|Unknown|20|10|billing=8,cpu=8,gres/gpu=8,node=1|1|"
+            "node2|0:0")
     (rec,) = parse_sacct(line, SACCT_FIELDS)
     assert rec.end is None and rec.state == "RUNNING"
     assert rec.billed_gpu_seconds(now=T0 + 20) == 160
@@ -163,7 +164,8 @@ def test_sinfo():
 
 
 def test_sinfo_flags_reason_and_ranges():
-    text = "node[1-2]|down*|8|gpu:8|Not responding\nnode3|drain|8|gpu:h100:8(S:0-1)|bad gpu [root@2026-11-27T23:00:00]\n"
+    text = ("node[1-2]|down*|8|gpu:8|Not responding\n"
+            "node3|drain|8|gpu:h100:8(S:0-1)|bad gpu [root@2026-11-27T23:00:00]\n")
     assert parse_sinfo(text) == [
         NodeInfo("node1", "down", 8, 8, "Not responding", {"flags": "*"}),
         NodeInfo("node2", "down", 8, 8, "Not responding", {"flags": "*"}),

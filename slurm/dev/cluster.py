@@ -133,7 +133,8 @@ def wait_for(what: str, check, timeout: float, log: Path | None = None, interval
         if time.monotonic() > deadline:
             tail = ""
             if log is not None and log.exists():
-                tail = "\n--- last lines of %s ---\n%s" % (log, "\n".join(log.read_text(errors="replace").splitlines()[-25:]))
+                last = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+                tail = f"\n--- last lines of {log} ---\n{last}"
             raise DevClusterError(f"{what} not ready within {timeout:.0f} s{tail}")
         time.sleep(interval)
 
@@ -335,8 +336,9 @@ class DevCluster:
         (self.pids / name).write_text(f"{proc.pid}\n")
         time.sleep(0.05)
         if proc.poll() is not None:
-            raise DevClusterError(f"{name} exited at once with status {proc.returncode}; see {self.log / (name + '.out')}:\n"
-                                  + (self.log / f"{name}.out").read_text(errors="replace")[-2000:])
+            log = self.log / f"{name}.out"
+            raise DevClusterError(f"{name} exited at once with status {proc.returncode}; see {log}:\n"
+                                  + log.read_text(errors="replace")[-2000:])
         return proc.pid
 
     def _start_munge(self, timeout: float) -> None:
@@ -347,8 +349,9 @@ class DevCluster:
             key.write_bytes(secrets.token_bytes(1024))
         key.chmod(0o600)
         self.munge_socket.unlink(missing_ok=True)
+        run = self.base / "run"
         self._spawn("munged", ["munged", "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
-                               f"--pid-file={self.base / 'run' / 'munged.pid'}", f"--seed-file={self.base / 'run' / 'munged.seed'}",
+                               f"--pid-file={run / 'munged.pid'}", f"--seed-file={run / 'munged.seed'}",
                                f"--log-file={self.log / 'munged.log'}"])
         wait_for("munged", lambda: _munge_works(self.munge_socket), timeout, self.log / "munged.out")
 
@@ -363,7 +366,8 @@ class DevCluster:
                                 "--skip-test-db", "--auth-root-authentication-method=socket"],
                                capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
             if r.returncode != 0:
-                raise DevClusterError(f"mariadb-install-db failed ({r.returncode}):\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+                raise DevClusterError(f"mariadb-install-db failed ({r.returncode}):\n"
+                                      f"{r.stdout[-1500:]}{r.stderr[-1500:]}")
         self._spawn("mariadb", ["mariadbd", "--no-defaults", f"--datadir={datadir}", f"--socket={sock}",
                                 f"--port={self.ports.mysql}", "--bind-address=127.0.0.1", "--skip-name-resolve",
                                 "--user=root", f"--pid-file={self.base / 'run' / 'mariadb.pid'}",
