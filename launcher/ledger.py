@@ -382,6 +382,16 @@ def goodput_breakdown(segs: list[Segment], unmatched_acct: list[AcctRecord], bil
 # ------------------------------------------------------------------ forecast
 
 
+def replanned(plan: dict, events: list[dict]) -> dict:
+    """The plan with the stage steps of the latest `schedule_change` (budget.policy finish_stages), if any."""
+    changes = [e for e in events if e["event"] == "schedule_change"]
+    if not changes:
+        return plan
+    ends, starts = changes[-1]["ends"], [0, *changes[-1]["ends"][:-1]]
+    stages = [{**r, "steps": end - start} for r, start, end in zip(plan["stages"], starts, ends)]
+    return {**plan, "stages": stages, "total_steps": ends[-1]}
+
+
 def stage_bounds(plan: dict) -> list[tuple[str, int, int]]:
     """(name, first step, end step) per stage."""
     out, at = [], 0
@@ -617,6 +627,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
     now = time.time() if now is None else float(now)
     run = read_run(Path(run_dir))
     m, plan, events, metrics = run.manifest, run.plan, run.events, run.metrics
+    plan = replanned(plan, events)
     backend = m.cluster.backend
     ids = slurm_job_ids(events)
     if slurm is None or isinstance(slurm, SlurmView):
@@ -650,7 +661,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
         off = (ledger_billed - billed) / billed * 100 if billed > 0 else None
     else:
         billed, source, off = ledger_billed, "ledger", None
-    limits = Limits.from_run(m.budget, events, gpus, environ={})
+    limits = Limits.from_run(m.budget, events, gpus, environ={}, now=now)
     cap_gpu_s = limits.gpu_seconds_cap
     wall_left = max(0.0, limits.wall_end - now) / 3600 if limits.wall_end is not None else (
         m.budget.wall_hours if m.budget.wall_hours else None)

@@ -15,6 +15,7 @@ Everything here is a pure function of the times it is given, so tests use a fake
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from pixeldiff.config import BudgetConfig
@@ -55,10 +56,14 @@ class Limits:
     gpus: int = 1
 
     @classmethod
-    def from_run(cls, budget: BudgetConfig, events: list[dict], gpus: int, environ=os.environ) -> "Limits":
-        starts = [e["time"] for e in events if e["event"] == "segment_start"]
+    def from_run(cls, budget: BudgetConfig, events: list[dict], gpus: int, environ=os.environ,
+                 now: float | None = None) -> "Limits":
+        """`events`: the ledger before this segment; the wall clock counts from the first segment's start (this one's,
+        `now`, for the run's first)."""
+        starts = [e.get("job_start", e["time"]) for e in events if e["event"] == "segment_start"]
         job_end = float(environ["PIXELDIFF_DEADLINE"]) if environ.get("PIXELDIFF_DEADLINE") else None
-        wall_end = starts[0] + budget.wall_hours * 3600 if budget.wall_hours and starts else None
+        first = starts[0] if starts else (now if now is not None else time.time())
+        wall_end = first + budget.wall_hours * 3600 if budget.wall_hours else None
         cap = budget.usd / budget.gpu_hour_usd * 3600 if budget.usd and budget.gpu_hour_usd else None
         return cls(job_end, wall_end, cap, gpus)
 

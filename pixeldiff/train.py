@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
+import math
 import os
 import platform
 import signal
@@ -27,13 +28,13 @@ import torch
 from pixeldiff import checkpoint, distributed
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import SyntheticShapes
-from pixeldiff.deadline import Limits, billed_gpu_seconds
+from pixeldiff.deadline import Limits, billed_gpu_seconds, margin_s
 from pixeldiff.ledger import append_event, read_jsonl
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_options_for
 from pixeldiff.sample import render_grid
-from pixeldiff.schedule import StageSchedule, lr_at
+from pixeldiff.schedule import StageSchedule, lr_at, resplit
 from pixeldiff.shards import DataError, ShardSource, merge_data_states
 from pixeldiff.text import make_text_encoder
 
@@ -148,9 +149,11 @@ class TrainState:
     stage: int = 0
     samples_seen: int = 0  # data position: samples consumed so far (all ranks)
     rng: dict = field(default_factory=dict)
+    stage_ends: list | None = None  # the stage schedule when the budget re-split it (budget.policy: finish_stages)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "samples_seen": self.samples_seen, "rng": self.rng}
+        return {"step": self.step, "stage": self.stage, "samples_seen": self.samples_seen, "rng": self.rng,
+                "stage_ends": self.stage_ends}
 
 
 # ------------------------------------------------------------------ the job
@@ -268,7 +271,9 @@ class Trainer:
         self.load_state_dicts(parts)
         ranks = checkpoint.rank_states(path, self.ckpt_options)  # rank -> train_state, as saved by each rank
         ts = ranks.get(self.env.rank, ranks[0])
-        self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"])
+        self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"], ts.get("stage_ends"))
+        if self.state.stage_ends:
+            self.schedule = StageSchedule(tuple(self.state.stage_ends))
         if isinstance(self.data, ShardSource):
             self.data.load_state_dict(merge_data_states([r["data"] for r in ranks.values()], own=ts["data"],
                                                         same_world=len(ranks) == self.env.world_size,
@@ -408,15 +413,18 @@ class Trainer:
             self.state.stage = self.schedule.stage_at(0)
         st = self.state
         past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
-        self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size)
-        self.billed_before = billed_gpu_seconds(past)
         self.segment_t0 = float(os.environ.get("PIXELDIFF_JOB_START") or time.time())  # billing starts with the allocation
+        self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size, now=self.segment_t0)
+        self.billed_before = billed_gpu_seconds(past)
+        self.carry_timings(past)
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
                    restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
                    nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
                    nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
                    launcher=self.env.launcher, step=st.step,
                    **({"job_start": float(os.environ["PIXELDIFF_JOB_START"])} if os.environ.get("PIXELDIFF_JOB_START") else {}))
+        if self.m.budget.policy == "finish_stages":
+            self.resplit_stages()
         self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
         for message in self.perceptual.warnings:  # on every start, and in the ledger
@@ -453,6 +461,63 @@ class Trainer:
             self.log(f"finished at step {st.step}; samples: {self.write_samples()}")
         self.event("segment_end", reason=reason, step=st.step)
         return reason
+
+    def carry_timings(self, past: list[dict]) -> None:
+        """Start the stop margin from the step and save times earlier jobs measured, not from nothing: a job that
+        starts with a few seconds of budget left must see that it has none."""
+        saves = [e.get("seconds_write", e.get("seconds_blocked", 0.0)) for e in past if e["event"] == "checkpoint_saved"]
+        if saves:
+            self.checkpoint_s, self._measured_save = max(saves[-5:]), True
+        recent = [r["step_time"] for r in read_jsonl(self.run_dir / "metrics.jsonl")[-5:] if r.get("step_time")]
+        if recent:
+            self.step_s = sum(recent) / len(recent)
+
+    def resplit_stages(self, now: float | None = None) -> None:
+        """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not
+        fit the budget (rank 0 decides from metrics.jsonl and the ledger; every rank takes its answer)."""
+        ends = None
+        if self.env.is_main:
+            now = now or time.time()
+            budget_end = self.limits.budget_end(now, self.billed(now))
+            if budget_end is not None:
+                ends = resplit(self.schedule.ends, self.state.step, [s.global_batch for s in self.m.stages],
+                               self.stage_rates(), self.env.world_size, self.seconds_left(now, budget_end))
+        ends = distributed.broadcast_object(ends)
+        if ends is None or tuple(ends) == self.schedule.ends:
+            return
+        self.event("schedule_change", step=self.state.step, ends=list(ends), previous=list(self.schedule.ends))
+        self.log(f"budget.policy finish_stages: stage ends {list(self.schedule.ends)} -> {list(ends)} to fit the budget")
+        self.schedule = StageSchedule(tuple(ends))
+        self.state.stage_ends = list(ends)
+
+    def stage_rates(self) -> list[float | None]:
+        """img/s per GPU for each stage: measured (recent metrics) where the stage ran, else its estimate scaled by how
+        the measured stages compared with their estimates."""
+        recs = read_jsonl(self.run_dir / "metrics.jsonl")
+        measured, ratio = [], []
+        for s in self.m.stages:
+            rates = [r["img_per_s"] / self.env.world_size for r in recs if r.get("stage") == s.name][-10:]
+            measured.append(sum(rates) / len(rates) if rates else None)
+            if rates and s.est_img_per_s_per_gpu:
+                ratio.append(measured[-1] / s.est_img_per_s_per_gpu)
+        q = sum(ratio) / len(ratio) if ratio else 1.0
+        out = [r if r is not None else (s.est_img_per_s_per_gpu * q if s.est_img_per_s_per_gpu else None)
+               for r, s in zip(measured, self.m.stages)]
+        known = [i for i, r in enumerate(measured) if r is not None]
+        for i, s in enumerate(self.m.stages):  # no estimate either: the nearest measured stage, scaled by pixels
+            if out[i] is None and known:
+                k = min(known, key=lambda j: abs(j - i))
+                out[i] = measured[k] * (self.m.stages[k].resolution / s.resolution) ** 2
+        return out
+
+    def seconds_left(self, now: float, budget_end: float) -> float:
+        """Training seconds before the budget ends: less this job's start-up (as measured) for each job still to come,
+        and the stop margin."""
+        per_job = max(0.0, now - self.segment_t0) + margin_s(0.0, self.checkpoint_s)
+        left = budget_end - now
+        job_s = self.m.cluster.max_job_hours * 3600 if self.m.cluster.backend == "slurm" else left
+        jobs = max(1, math.ceil(left / max(job_s, 1.0)))
+        return left - jobs * per_job
 
     def billed(self, now: float | None = None) -> float:
         return self.billed_before + self.env.world_size * ((now or time.time()) - self.segment_t0)
@@ -509,8 +574,12 @@ class Trainer:
                 self.write_samples()
 
 
-def run_job(run_dir: Path, log=print) -> str:
-    """Entry point of a job on every rank. -> 'finished' or 'signal SIGTERM' etc."""
+def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:
+    """Entry point of a job on every rank. -> 'finished' or 'signal SIGTERM' etc.
+
+    `restore_signals=False` (a process that exits right after) keeps the flag-setting handlers to the end, so that
+    a signal arriving late (e.g. Slurm's to this rank, after another rank's signal already stopped the job) does not
+    kill the process with its checkpoint already complete."""
     run_dir = Path(run_dir)
     env = distributed.env_from()
     lock = lock_run(run_dir) if env.is_main else None
@@ -520,7 +589,8 @@ def run_job(run_dir: Path, log=print) -> str:
         distributed.init(env, device, timeout_s=float(os.environ.get("PIXELDIFF_COLLECTIVE_TIMEOUT_S", 600)))
         return Trainer(run_dir, env, log=log).run(stop)
     finally:
-        stop.restore()
+        if restore_signals:
+            stop.restore()
         distributed.shutdown()
         if lock is not None:
             lock.close()
@@ -533,7 +603,7 @@ def main(argv=None) -> int:
         print("usage: python -m pixeldiff.train RUN_DIR", file=sys.stderr)
         return 2
     try:
-        reason = run_job(Path(argv[0]), log=lambda s: print(s, flush=True))
+        reason = run_job(Path(argv[0]), log=lambda s: print(s, flush=True), restore_signals=False)
     except (ConfigError, RunLocked, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

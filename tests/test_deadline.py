@@ -74,8 +74,48 @@ def test_the_budget_stops_the_run_for_good(write_manifest, tmp_path):
     assert events[-1]["reason"] == "budget" and events[-2]["event"] == "budget_stop"
     stopped = events[-1]["step"]
     assert list((tmp_path / "tiny" / "samples").glob(f"step-{stopped:08d}.png"))
-    # running again does not spend more: it stops at once, at the same step
+    # the first job planned for a 10 s save before it measured one; the next starts from the measured times (a
+    # shorter margin), so it may use what is left -- and then the budget is spent: another start stops at once
     assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path)]) == 0
-    again = read_jsonl(tmp_path / "tiny" / "ledger.jsonl")
-    assert again[-1]["reason"] == "budget" and again[-1]["step"] == stopped
-    assert billed_gpu_seconds(again) <= cap_s + 5
+    second = read_jsonl(tmp_path / "tiny" / "ledger.jsonl")
+    assert second[-1]["reason"] == "budget" and second[-1]["step"] >= stopped
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path)]) == 0
+    third = read_jsonl(tmp_path / "tiny" / "ledger.jsonl")
+    assert third[-1]["reason"] == "budget" and third[-1]["step"] == second[-1]["step"]
+    assert billed_gpu_seconds(third) <= cap_s + 5
+
+
+def test_finish_stages_shrinks_the_remaining_stages_from_the_measured_speed(write_manifest, tmp_path):
+    """budget.policy finish_stages: at a job's start the trainer re-splits what the budget has left (a fake clock,
+    a recorded ledger and metrics; the real Trainer and its files)."""
+    import json
+
+    from launcher.cli import prepare_run_dir
+    from launcher.manifest import load_manifest
+    from pixeldiff.train import Trainer
+
+    # $1 = 1 GPU-second; 1000 GPU-s. Planned: 100k steps at 16 px, then 50k at 32 px, 8 images a step.
+    path = write_manifest(steps=(100_000, 50_000), budget={"usd": 1000, "gpu_hour_usd": 3600.0, "policy": "finish_stages"})
+    run_dir, _ = prepare_run_dir(load_manifest(path, []), tmp_path)
+    t0 = 1_000_000.0
+    # the first job: 400 s, 2000 steps at 16 px, measured at 40 img/s (5 steps/s)
+    (run_dir / "ledger.jsonl").write_text(json.dumps({"event": "segment_start", "time": t0, "gpus": 1, "step": 0}) + "\n"
+                                          + json.dumps({"event": "segment_end", "time": t0 + 400, "reason": "deadline", "step": 2000}) + "\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "stage": "16px", "img_per_s": 40.0}) + "\n"
+                                                   for k in range(100, 2001, 100)))
+    tr = Trainer(run_dir, log=lambda s: None)
+    tr.state.step = 2000
+    past = read_jsonl(run_dir / "ledger.jsonl")
+    tr.limits = Limits.from_run(tr.m.budget, past, gpus=1, environ={})
+    tr.billed_before, tr.segment_t0 = billed_gpu_seconds(past), t0 + 500
+    tr.resplit_stages(now=t0 + 510)  # this job started 10 s ago: 590 GPU-s left, 10 s + the margin per job
+    ends = tr.schedule.ends
+    assert ends[0] > 2000 and ends[1] > ends[0]  # both stages still run
+    # 16 px at 5 steps/s, 32 px at a quarter of that (4x the pixels, no estimate): the remaining steps take what
+    # is left after this job's start-up and the stop margin, and not much less
+    need = (ends[0] - 2000) / 5.0 + (ends[1] - ends[0]) / 1.25
+    left = 590 - 10 - margin_s(0.0, 10.0)
+    assert left * 0.97 <= need <= left
+    assert tr.state.stage_ends == list(ends)
+    change = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    assert change["event"] == "schedule_change" and change["previous"] == [100_000, 150_000] and change["ends"] == list(ends)
