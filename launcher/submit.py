@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -312,7 +311,8 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
     try:
         if environ.get("SLURMD_NODENAME") in bad:
             raise RuntimeError(f"injected start-up failure on {environ['SLURMD_NODENAME']} (PIXELDIFF_TEST_FAIL_NODES)")
-        reason = run_job(run_dir, log=lambda s: print(s, flush=True))
+        # the trainer's flag-setting handlers stay to the end: a late TERM (the requeue's kill) must not cut `act` short
+        reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -331,7 +331,6 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
                                  make_plan(m)["jobs"]["max_timeouts"], signal_lead_s(m), tuple(nodes))
             act(run_dir, m, action, environ)
         raise
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the segment is over: no second requeue from submitit
     if env.rank == 0 and environ.get("SLURM_JOB_ID"):
         from launcher.plan import make_plan
 
