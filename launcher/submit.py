@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixeldiff.config import ConfigError, Manifest, load_resolved
-from pixeldiff.deadline import billed_gpu_seconds
+from pixeldiff.deadline import billed_gpu_seconds, next_job_possible
 from pixeldiff.ledger import append_event, read_jsonl
 
-MIN_SEGMENT_S = 300.0  # a segment shorter than this is not worth submitting (start-up + one checkpoint)
 FAILURE_WAIT_S = 15.0  # how long rank 0 waits for the other ranks' failure reports
 
 
@@ -78,7 +77,7 @@ def time_limit_min(m: Manifest, events: list[dict], now: float) -> int:
         left_s.append(starts[0] + m.budget.wall_hours * 3600 - now)
     if left_s:
         left = min(left_s)
-        if left < min(MIN_SEGMENT_S, limit * 60):
+        if not next_job_possible(left, limit * 60):
             raise SubmitError(f"the budget has {max(0.0, left):.0f} s of the run's GPUs left, less than one useful "
                               f"job segment: not submitting (raise budget.usd / budget.wall_hours to continue)")
         limit = min(limit, int(left // 60))

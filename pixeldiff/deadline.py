@@ -22,6 +22,12 @@ from pixeldiff.config import BudgetConfig
 
 
 LAST_JOB_S = 90.0  # a job ending this close to the budget's end is the run's last
+MIN_JOB_S = 300.0  # no job is started for less than this (or its whole time limit, if shorter)
+
+
+def next_job_possible(seconds_left: float, job_s: float) -> bool:
+    """Is `seconds_left` of budget worth another job of `job_s` seconds (start-up, a checkpoint, some steps)?"""
+    return seconds_left >= min(MIN_JOB_S, job_s)
 
 
 def margin_s(step_s: float, checkpoint_s: float, safety_s: float = 30.0) -> float:

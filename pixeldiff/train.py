@@ -28,7 +28,7 @@ import torch
 from pixeldiff import checkpoint, distributed
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import SyntheticShapes
-from pixeldiff.deadline import Limits, billed_gpu_seconds, margin_s
+from pixeldiff.deadline import Limits, billed_gpu_seconds, margin_s, next_job_possible
 from pixeldiff.ledger import append_event, read_jsonl
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
@@ -443,6 +443,12 @@ class Trainer:
             raise
         finally:
             self.close_data()
+        if 0 < self.stop_code < DEADLINE_STOP and self.env.launcher == "slurm":
+            # a timeout or preemption signal in a job that the budget cannot follow with another: the run ends here,
+            # for the budget (all ranks take rank 0's answer)
+            last = self.env.is_main and not self.next_job_affordable()
+            if distributed.max_int(int(last), self.device):
+                self.stop_code = BUDGET_STOP
         self.save(final=True)  # complete, marker written, before anything else: a signal's deadline may be near
         self.saver.close()
         if self.stop_code == DEADLINE_STOP:
@@ -518,6 +524,11 @@ class Trainer:
         job_s = self.m.cluster.max_job_hours * 3600 if self.m.cluster.backend == "slurm" else left
         jobs = max(1, math.ceil(left / max(job_s, 1.0)))
         return left - jobs * per_job
+
+    def next_job_affordable(self, now: float | None = None) -> bool:
+        now = now or time.time()
+        budget_end = self.limits.budget_end(now, self.billed(now))
+        return budget_end is None or next_job_possible(budget_end - now, self.m.cluster.max_job_hours * 3600)
 
     def billed(self, now: float | None = None) -> float:
         return self.billed_before + self.env.world_size * ((now or time.time()) - self.segment_t0)
