@@ -300,6 +300,10 @@ def _require_complete(path, storage_options: dict | None) -> None:
     if not has_marker(path, storage_options):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker); pass a run directory or a "
                               f"step-N/ directory that has one")
+    if not is_remote(path) and not (Path(path) / ".metadata").exists() and (Path(path) / "model.pt").exists():
+        raise CheckpointError(f"{path} was written by an older pixeldiff (one torch.save file per part); this version "
+                              f"reads only sharded (torch.distributed.checkpoint) checkpoints: resume with the older "
+                              f"version, or start the run afresh")
 
 
 def load_into(path, state: dict, process_group=None, storage_options: dict | None = None) -> None:

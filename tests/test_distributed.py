@@ -174,15 +174,22 @@ def test_fsdp_on_two_and_four_ranks_matches_one_process(write_manifest, tmp_path
         assert [(e["step"], e["async"]) for e in saves] == [(3, True), (6, True)]
 
 
-def test_sigterm_to_every_fsdp_rank_saves_and_resumes_in_one_process(write_manifest, tmp_path):
-    """Slurm signals every task; each rank gets SIGTERM at its own random moment. All save the same step together,
-    exit 143 without a traceback; the sharded checkpoint resumes in one process (resharded)."""
+def test_sigterm_to_every_fsdp_rank_saves_to_s3_and_resumes_in_one_process(write_manifest, tmp_path, s3_endpoint):
+    """Slurm signals every task; each rank gets SIGTERM at its own random moment. All save the same step together
+    (sharded, to S3), exit 143 without a traceback; the checkpoint resumes in one process (resharded)."""
     import random
+    import uuid
 
-    stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": 400},
+    from pixeldiff.shards import s3_options
+    from s3server import create_bucket
+
+    bucket = f"fsdp-{uuid.uuid4().hex[:8]}"
+    create_bucket(s3_endpoint, bucket)
+    root, so = f"s3://{bucket}/ckpt", s3_options(s3_endpoint, None, False)
+    stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": 150},
               {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 4, "steps": 10}]
     manifest = write_manifest(name="fsdpsig", stages=stages, cluster={"parallel": "fsdp"},
-                              checkpoint={"interval_steps": 5})
+                              checkpoint={"interval_steps": 25, "dir": root}, data={"s3": {"endpoint_url": s3_endpoint}})
     run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
     procs = spawn_ranks(run_dir, 2)
     at = random.randint(8, 40)
@@ -195,9 +202,9 @@ def test_sigterm_to_every_fsdp_rank_saves_and_resumes_in_one_process(write_manif
     for p, out in zip(procs, outs):
         assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in out, (at, out)
     end = read_jsonl(run_dir / "ledger.jsonl")[-1]
-    assert end["event"] == "segment_end" and end["reason"] == "signal SIGTERM" and at <= end["step"] < 410
-    ckpt = checkpoint.latest_valid(run_dir / "checkpoints")
-    assert ckpt.name == f"step-{end['step']:08d}" and len(list(ckpt.glob("train_state-rank*.pt"))) == 2
+    assert end["event"] == "segment_end" and end["reason"] == "signal SIGTERM" and at <= end["step"] < 160
+    ckpt = checkpoint.latest_valid(root, storage_options=so)
+    assert ckpt == f"{root}/step-{end['step']:08d}" and sorted(checkpoint.rank_states(ckpt, so)) == [0, 1]
     assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 411))
+    assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 161))
