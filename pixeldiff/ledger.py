@@ -5,10 +5,13 @@ line being written; a torn last line is skipped by `read_jsonl`. Every event has
 `event` and `time` (Unix seconds). The vocabulary:
 
 written by rank 0 of a job (pixeldiff.train):
-  segment_start     job_id, restart, nodes, gpus, nodelist, device, launcher, step
+  segment_start     job_id, restart, nodes, gpus, nodelist, device, launcher, step,
+                    job_start (Slurm's start time of this job run: billing counts from it)
   heartbeat         step                                  (every minute)
-  checkpoint_saved  step, checkpoint, seconds_blocked, bytes
+  checkpoint_saved  step, checkpoint, seconds_blocked (the loop waited), seconds_write, bytes, async
+                    (written when the save is complete: a background save, a few steps later)
   stage_change      step, stage, previous
+  schedule_change   step, ends, previous (cumulative stage ends; budget.policy finish_stages)
   warning           message, step
   budget_stop       step, billed_gpu_seconds
   segment_end       reason (finished | budget | deadline | signal SIGxxx | failed: ...), step

@@ -20,7 +20,7 @@ from pixeldiff.ledger import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "manifests" / "devcluster.yaml"
-FULL_STEPS = (600, 500)  # at full speed ~500 steps fit in one 2-minute job: the run needs 3 or more
+FULL_STEPS = (700, 800)  # at full speed ~650 steps fit in one 2-minute job: the run needs 3 or more
 
 
 def launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -85,7 +85,7 @@ def test_a_dollar_budget_that_runs_out_mid_stage_stops_with_a_final_checkpoint(r
     assert len(submitted) == 1 and submitted[0]["time_limit_min"] == 2
     end = [e for e in ev if e["event"] == "segment_end"][-1]
     assert end["reason"] == "budget", explain(run_dir)
-    assert 0 < end["step"] < FULL_STEPS[0] + 400  # mid-stage: the 32 px stage has 400 steps by default
+    assert 0 < end["step"] < 400 + 150  # stopped mid-run: the manifest's stages have 400 + 150 steps
     assert any(e["event"] == "budget_stop" for e in ev)
     assert not any(e["event"] == "requeue_requested" for e in ev)
     assert (run_dir / "checkpoints" / f"step-{end['step']:08d}" / "COMPLETE").exists()
@@ -137,6 +137,55 @@ def test_cancel_checkpoints_then_cancels_and_nothing_requeues(runs):
     assert status.returncode == 4 and json.loads(status.stdout)["state"] == "cancelled", status.stdout
 
 
+def tmux_available() -> bool:
+    import os
+    import shutil
+
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for update in (False, True):  # a fresh machine may need its package lists first
+        if shutil.which("tmux") is not None or os.geteuid() != 0:
+            break
+        if update:
+            subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "tmux"], capture_output=True, env=env,
+                       timeout=600)
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is missing and cannot be installed (not root)")
+        return False
+    return True
+
+
+def test_the_dashboard_in_a_real_terminal_during_the_run(runs):
+    """`pixeldiff-launch watch` in an 80x24 tmux pane while the full run trains; the captured pane is kept as
+    .artifacts/dashboard-80x24.txt (what a user sees)."""
+    if not tmux_available():
+        pytest.skip("tmux is not installed (and this is not root): cannot capture a real terminal")
+    run_dir = runs["full"]
+    wait_until(run_dir, lambda ev: any(e["event"] == "checkpoint_saved" for e in ev), 240, "training")
+    session = f"pixeldiff-watch-{run_dir.name}"
+    env = {**runs["env"], "TERM": "xterm-256color"}
+    cmd = f"{sys.executable} -m launcher.cli watch {run_dir} --interval 1"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", cmd], env=env, cwd=REPO, check=True)
+    try:
+        time.sleep(8)
+        pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                              check=True).stdout
+        alive = subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    out = REPO / ".artifacts" / "dashboard-80x24.txt"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(pane)
+    print(pane)
+    lines = pane.rstrip("\n").splitlines()
+    assert alive, pane  # still refreshing, not crashed
+    assert len(lines) <= 24 and all(len(line) <= 80 for line in lines), pane
+    assert run_dir.name in pane and "32px" in pane and "64px" in pane and "goodput" in pane, pane
+    assert "RUNNING" in pane or "QUEUED" in pane, pane  # between two jobs it is queued
+    assert "Traceback" not in pane
+
+
 def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
     run_dir = runs["full"]
     ev = wait_until(run_dir, over, 600, "the end of the full run")
@@ -157,7 +206,11 @@ def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and all(b - a == 25 for a, b in zip(steps, steps[1:]))
     # the ledger's billed GPU-seconds against Slurm's accounting: within 2%
-    records = sacct(sorted(job_ids), runs["env"])
+    for _ in range(60):  # the job ends a moment after its last event: wait for sacct's end time
+        records = sacct(sorted(job_ids), runs["env"])
+        if records and all(r.end is not None for r in records):
+            break
+        time.sleep(1)
     assert len(records) == len(restarts)
     slurm_gpu_s = sum(r.billed_gpu_seconds() for r in records)
     assert all(r.alloc_gpus == 4 for r in records)
@@ -166,3 +219,5 @@ def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
     status = launch(["status", run_dir, "--json"], runs["env"])
     s = json.loads(status.stdout)
     assert status.returncode == 0 and s["state"] == "finished" and s["step"] == sum(FULL_STEPS)
+    assert s["billed_gpu_seconds"] == pytest.approx(slurm_gpu_s, rel=1e-3)  # sacct is the authority
+    assert abs(s["ledger_vs_sacct_pct"]) <= 2.0
