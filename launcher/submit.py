@@ -294,6 +294,7 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
 def job_main(run_dir: Path, environ=os.environ) -> str:
     """Every task of a Slurm job: train, then (rank 0) decide what comes next."""
     from pixeldiff import distributed
+    from pixeldiff.shards import DataError
     from pixeldiff.train import run_job
 
     run_dir = Path(run_dir)
@@ -312,7 +313,12 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
             raise RuntimeError(f"injected start-up failure on {environ['SLURMD_NODENAME']} (PIXELDIFF_TEST_FAIL_NODES)")
         # the trainer's flag-setting handlers stay to the end: a late TERM (the requeue's kill) must not cut `act` short
         reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
-    except (ConfigError, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        raise
+    except (ConfigError, DataError) as e:  # the manifest or the data: another job would fail the same way
+        if env.rank == 0:
+            append_event(ledger_path(run_dir), "run_stopped", reason=f"{type(e).__name__}: {e}", kind="failed",
+                         job_id=environ.get("SLURM_JOB_ID", ""))
         raise
     except Exception as e:
         report_failure(run_dir, env.rank, e, environ)
@@ -323,7 +329,8 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
             failures = 1 + sum(1 for ev in _since_last(events, "checkpoint_saved") if ev["event"] == "job_failed")
             append_event(led, "job_failed", job_id=environ.get("SLURM_JOB_ID", ""), node=nodes[0] if nodes else None,
                          nodes=nodes, message=first, failures=failures)
-            append_event(led, "segment_end", reason=f"failed: {first}", job_id=environ.get("SLURM_JOB_ID", ""))
+            if any(ev["event"] == "segment_start" for ev in _since_last(events, "segment_end")):  # still open
+                append_event(led, "segment_end", reason=f"failed: {first}", job_id=environ.get("SLURM_JOB_ID", ""))
             from launcher.plan import make_plan
 
             action = next_action(m, events, f"failed: {first}", time.time(), job_end,

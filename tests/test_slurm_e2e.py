@@ -66,7 +66,7 @@ def runs(slurm_cluster, tmp_path_factory):
     full = start(base, "e2e-full", slurm_cluster.env, f"stages[0].steps={FULL_STEPS[0]}", f"stages[1].steps={FULL_STEPS[1]}")
     yield {"base": base, "full": full, "env": slurm_cluster.env}
     for run_dir in base.iterdir():  # leave nothing queued for the next module
-        if not over(events(run_dir)):
+        if not over(events(run_dir)) and not any(e["event"] == "cancel_requested" for e in events(run_dir)):
             launch(["cancel", run_dir, "--wait", "30"], slurm_cluster.env)
 
 
