@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,6 +85,9 @@ def apply_calibration(m: Manifest, path: Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
         rates = {int(k): float(v) for k, v in data["img_per_s_per_gpu"].items()}
+        bad = [f"{k} px: {v}" for k, v in rates.items() if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"throughput must be a finite number > 0 ({', '.join(bad)})")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UsageError(f"--calibration {path}: not a calibration file ({type(e).__name__}: {e}); write one with "
                          f"tools/bench_step.py --calibration FILE") from None
@@ -112,6 +116,9 @@ def run_state(run_dir: Path, events: list[dict]) -> str | None:
     if ends and ends[-1].get("reason") == "finished":
         return "finished"
     if ends and ends[-1].get("reason") == "budget":
+        return "over_budget"
+    stops = [e for e in events if e["event"] in ("run_stopped", "job_submitted")]
+    if stops and stops[-1]["event"] == "run_stopped" and stops[-1].get("kind") == "budget":
         return "over_budget"
     return None
 
@@ -211,7 +218,10 @@ def cmd_cancel(args) -> int:
     for job_id, q in active.items():
         if q.state == "RUNNING":
             print(f"job {job_id}: asking every task to checkpoint and stop (USR2)")
-            slurm.cancel(job_id, signal="USR2")
+            try:
+                slurm.cancel(job_id, signal="USR2")
+            except SlurmError as e:  # e.g. it ended in between
+                print(f"job {job_id}: could not signal it ({e})")
     # the trainer saves and writes segment_end; then rank 0 records that it will not requeue, and the job ends
     while time.time() - t0 < args.wait:
         if any(e["event"] in ("run_stopped", "requeue_requested") and e["time"] >= t0 for e in events_of(run_dir)):
@@ -225,10 +235,15 @@ def cmd_cancel(args) -> int:
         time.sleep(1.0)
     else:
         print(f"no checkpoint after {args.wait:g} s; cancelling anyway (the run resumes from its last checkpoint)")
-    for job_id in active:
-        slurm.cancel(job_id)
+    # and any job the run submitted meanwhile (a resubmission racing the cancel)
+    late = [j for j in submitted_jobs([e for e in events_of(run_dir) if e["time"] >= t0]) if j not in active]
+    for job_id in [*active, *late]:
+        try:
+            slurm.cancel(job_id)
+        except SlurmError as e:
+            print(f"job {job_id}: scancel failed ({e}); check with squeue")
     ends = [e for e in events_of(run_dir) if e["event"] == "segment_end" and e["time"] >= t0]
-    print(f"cancelled job(s) {', '.join(sorted(active))}"
+    print(f"cancelled job(s) {', '.join(sorted([*active, *late]))}"
           + (f"; final checkpoint at step {ends[-1]['step']}" if ends and "failed" not in ends[-1]["reason"] else ""))
     return 0
 

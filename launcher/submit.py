@@ -21,6 +21,7 @@ ledger first, then acted on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -72,14 +73,14 @@ def time_limit_min(m: Manifest, events: list[dict], now: float) -> int:
     cap = gpu_seconds_cap(m)
     if cap is not None:
         left_s.append((cap - billed_gpu_seconds(events)) / m.world_size)
-    starts = [e["time"] for e in events if e["event"] == "segment_start"]
+    starts = [e.get("job_start", e["time"]) for e in events if e["event"] == "segment_start"]
     if m.budget.wall_hours and starts:
         left_s.append(starts[0] + m.budget.wall_hours * 3600 - now)
     if left_s:
         left = min(left_s)
         if not next_job_possible(left, limit * 60):
             raise SubmitError(f"the budget has {max(0.0, left):.0f} s of the run's GPUs left, less than one useful "
-                              f"job segment: not submitting (raise budget.usd / budget.wall_hours to continue)")
+                              f"job segment: not submitting; the run is over budget")
         limit = min(limit, int(left // 60))
     return limit
 
@@ -97,7 +98,7 @@ def make_executor(m: Manifest, run_dir: Path, minutes: int, exclude: list[str]):
     setup = list(c.setup) + [f"export {k}={json.dumps(str(v))}" for k, v in c.env.items()]
     params = dict(
         job_name=m.name, nodes=c.nodes, ntasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
-        time=minutes, signal_delay_s=signal_lead_s(m), setup=setup, stderr_to_stdout=True,
+        time=minutes, signal_delay_s=min(signal_lead_s(m), minutes * 30), setup=setup, stderr_to_stdout=True,
     )
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
@@ -110,6 +111,25 @@ def make_executor(m: Manifest, run_dir: Path, minutes: int, exclude: list[str]):
         params["exclude"] = ",".join(exclude)
     ex.update_parameters(**params)
     return ex
+
+
+STALE_PREFIXES = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")
+STALE_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "PIXELDIFF_DEADLINE",
+               "PIXELDIFF_JOB_START")
+
+
+@contextlib.contextmanager
+def job_environment_scrubbed():
+    """sbatch exports this process's environment into the new job: from inside a job (a resubmission) that would
+    carry this job's rendezvous address, deadline and Slurm variables into the next. Keep SLURM_CONF."""
+    stale = {k: v for k, v in os.environ.items()
+             if (k.startswith(STALE_PREFIXES) and k != "SLURM_CONF") or k in STALE_NAMES}
+    for k in stale:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(stale)
 
 
 def signal_lead_s(m: Manifest) -> int:
@@ -126,7 +146,8 @@ def submit(run_dir: Path, m: Manifest, why: str = "start", now: float | None = N
     exclude = excluded_nodes(m, events)
     ex = make_executor(m, run_dir, minutes, exclude)
     try:
-        job = ex.submit(TrainJob(str(run_dir.resolve())))
+        with job_environment_scrubbed():
+            job = ex.submit(TrainJob(str(run_dir.resolve())))
     except Exception as e:  # submitit wraps sbatch's failure; the message is sbatch's
         raise SubmitError(f"sbatch refused the job: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
     append_event(ledger_path(run_dir), "job_submitted", job_id=str(job.job_id), nodes=m.cluster.nodes,
@@ -188,8 +209,8 @@ def next_action(m: Manifest, events: list[dict], reason: str, now: float, job_en
 # ------------------------------------------------------------------ on every task
 
 
-COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe",
-                    "socket", "peer", "process group", "store")
+COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
+                    "by peer", "process group", "tcpstore")
 
 
 def is_collective_error(e: BaseException) -> bool:
@@ -215,19 +236,22 @@ def failure_dir(run_dir: Path, environ=os.environ) -> Path:
     return Path(run_dir) / "jobs" / f"failures-{environ.get('SLURM_JOB_ID', 'local')}-{environ.get('SLURM_RESTART_COUNT', '0')}"
 
 
-def report_failure(run_dir: Path, rank: int, e: BaseException, environ=os.environ) -> None:
+def report_failure(run_dir: Path, rank: int, e: BaseException, environ=os.environ, fatal: bool = False) -> None:
+    """`fatal`: an error another job would hit the same way (the manifest, the data): stop, blame no node."""
     d = failure_dir(run_dir, environ)
     d.mkdir(parents=True, exist_ok=True)
     rec = {"rank": rank, "node": environ.get("SLURMD_NODENAME", ""), "error": f"{type(e).__name__}: {e}"[:500],
-           "collective": is_collective_error(e), "time": time.time()}
+           "collective": is_collective_error(e), "fatal": fatal, "time": time.time()}
     tmp = d / f".rank{rank:05d}.tmp"
     tmp.write_text(json.dumps(rec))
     os.replace(tmp, d / f"rank{rank:05d}.json")
 
 
-def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = FAILURE_WAIT_S) -> tuple[list[str], str]:
-    """After a failure, on rank 0: the nodes to blame, and the first real error. A rank that reported an error of
-    its own is to blame; if none did, a rank that reported nothing (killed) is."""
+def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = FAILURE_WAIT_S
+                 ) -> tuple[list[str], str, bool]:
+    """After a failure, on rank 0: the nodes to blame, the first real error, and whether it is fatal (no retry).
+    A rank that reported an error of its own is to blame; if none did, a rank that reported nothing (killed) is.
+    An error of their own on every node blames none (the code or the manifest, not a node)."""
     d = failure_dir(run_dir, environ)
     deadline = time.time() + wait_s
     reports = {}
@@ -240,13 +264,18 @@ def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = 
             break
         time.sleep(0.5)
     nodes = rank_nodes(environ)
+    fatal = [r for r in reports.values() if r.get("fatal")]
+    if fatal:
+        return [], fatal[0]["error"], True
     own = [r for r in reports.values() if not r["collective"]]
     blamed = own or [{"rank": k, "node": nodes[k] if k < len(nodes) else "", "error": "the process died"}
                      for k in range(world) if k not in reports]
     names = sorted({r["node"] or (nodes[r["rank"]] if r["rank"] < len(nodes) else "") for r in blamed} - {""})
     first = own[0]["error"] if own else (f"rank(s) {', '.join(str(r['rank']) for r in blamed)} died" if blamed else
                                           next(iter(reports.values()), {}).get("error", "unknown error"))
-    return names, first
+    if len(set(nodes)) > 1 and set(names) >= set(nodes):
+        names = []  # every node failed on its own: not a node's fault
+    return names, first, False
 
 
 def slurm_times(job_id: str) -> tuple[float | None, float | None]:
@@ -273,10 +302,19 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
     elif action.kind == "requeue":
         append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind,
                      restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
-        from slurm.commands import Slurm
+        from slurm.commands import Slurm, SlurmError
 
-        Slurm(min_interval_s=0).requeue(job_id)
+        try:
+            Slurm(min_interval_s=0).requeue(job_id)
+        except SlurmError as e:  # e.g. the job cannot be requeued any more: a fresh job instead
+            print(f"pixeldiff: requeue failed ({e}); submitting a new job", flush=True)
+            act(run_dir, m, Action("resubmit", f"requeue failed: {e}"), environ)
+            return
     elif action.kind == "resubmit":
+        if any(e["event"] == "cancel_requested" for e in _since_last(events_of(run_dir), "job_submitted")):
+            append_event(led, "run_stopped", reason="cancelled by pixeldiff-launch cancel", kind="cancelled",
+                         job_id=job_id)
+            return
         if action.requeue_kind:
             append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind, resubmit=True,
                          restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
@@ -291,11 +329,29 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
         print(f"pixeldiff: {action.message}", flush=True)
 
 
+def close_own_segment(run_dir: Path, reason: str, environ=os.environ) -> None:
+    """segment_end for this job run's segment, if it started one and the trainer did not end it (never another's)."""
+    events = events_of(run_dir)
+    tail = _since_last(events, "segment_end")
+    mine = [e for e in tail if e["event"] == "segment_start" and str(e.get("job_id")) == environ.get("SLURM_JOB_ID")
+            and int(e.get("restart", 0)) == int(environ.get("SLURM_RESTART_COUNT", 0))]
+    if mine:
+        append_event(ledger_path(run_dir), "segment_end", reason=reason, job_id=environ.get("SLURM_JOB_ID", ""))
+
+
+def stop_failed_run(run_dir: Path, message: str, environ=os.environ) -> None:
+    close_own_segment(run_dir, f"failed: {message}", environ)
+    append_event(ledger_path(run_dir), "run_stopped", reason=f"not retried: {message}", kind="failed",
+                 job_id=environ.get("SLURM_JOB_ID", ""))
+    print(f"pixeldiff: {message}; not retried (another job would fail the same way)", flush=True)
+
+
 def job_main(run_dir: Path, environ=os.environ) -> str:
     """Every task of a Slurm job: train, then (rank 0) decide what comes next."""
     from pixeldiff import distributed
+    from pixeldiff.checkpoint import CheckpointError
     from pixeldiff.shards import DataError
-    from pixeldiff.train import run_job
+    from pixeldiff.train import RunLocked, run_job
 
     run_dir = Path(run_dir)
     env = distributed.env_from(environ)
@@ -315,22 +371,24 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
         reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
     except KeyboardInterrupt:
         raise
-    except (ConfigError, DataError) as e:  # the manifest or the data: another job would fail the same way
+    except (ConfigError, DataError, CheckpointError, RunLocked) as e:  # another job would fail the same way
+        report_failure(run_dir, env.rank, e, environ, fatal=True)
         if env.rank == 0:
-            append_event(ledger_path(run_dir), "run_stopped", reason=f"{type(e).__name__}: {e}", kind="failed",
-                         job_id=environ.get("SLURM_JOB_ID", ""))
+            stop_failed_run(run_dir, f"{type(e).__name__}: {e}", environ)
         raise
     except Exception as e:
         report_failure(run_dir, env.rank, e, environ)
         if env.rank == 0:
-            nodes, first = failed_nodes(run_dir, env.world_size, environ)
+            nodes, first, fatal = failed_nodes(run_dir, env.world_size, environ)
+            if fatal:
+                stop_failed_run(run_dir, first, environ)
+                raise
             led = ledger_path(run_dir)
             events = events_of(run_dir)
             failures = 1 + sum(1 for ev in _since_last(events, "checkpoint_saved") if ev["event"] == "job_failed")
             append_event(led, "job_failed", job_id=environ.get("SLURM_JOB_ID", ""), node=nodes[0] if nodes else None,
                          nodes=nodes, message=first, failures=failures)
-            if any(ev["event"] == "segment_start" for ev in _since_last(events, "segment_end")):  # still open
-                append_event(led, "segment_end", reason=f"failed: {first}", job_id=environ.get("SLURM_JOB_ID", ""))
+            close_own_segment(run_dir, f"failed: {first}", environ)
             from launcher.plan import make_plan
 
             action = next_action(m, events, f"failed: {first}", time.time(), job_end,

@@ -30,6 +30,11 @@ def next_job_possible(seconds_left: float, job_s: float) -> bool:
     return seconds_left >= min(MIN_JOB_S, job_s)
 
 
+# what a job's trainer writes while it lives (the signs of life that close a segment that died without an end)
+SEGMENT_EVENTS = ("segment_start", "heartbeat", "checkpoint_saved", "stage_change", "schedule_change", "warning",
+                  "budget_stop", "segment_end")
+
+
 def margin_s(step_s: float, checkpoint_s: float, safety_s: float = 30.0) -> float:
     return 2 * step_s + 1.5 * checkpoint_s + safety_s
 
@@ -39,6 +44,8 @@ def billed_gpu_seconds(events: list[dict], until: float | None = None) -> float:
     end event is closed at its last heartbeat or event. The open segment (if `until`) counts to `until`."""
     total, start, gpus, last = 0.0, None, 0, None
     for e in events:
+        if e["event"] not in SEGMENT_EVENTS:  # the launcher's events say nothing of a job that may be long dead
+            continue
         if e["event"] == "segment_start":
             if start is not None:  # died without an end: closed at its last sign of life
                 total += gpus * max(0.0, last - start)
@@ -60,6 +67,7 @@ class Limits:
     wall_end: float | None  # Unix time the wall-clock budget ends
     gpu_seconds_cap: float | None  # dollar budget in GPU-seconds
     gpus: int = 1
+    next_job_s: float | None = None  # a following job's time limit (Slurm runs); None: no following job to fund
 
     @classmethod
     def from_run(cls, budget: BudgetConfig, events: list[dict], gpus: int, environ=os.environ,
@@ -84,12 +92,15 @@ class Limits:
         """-> 'deadline' (the job's end is near), 'budget' (a budget cap is near) or None.
 
         A job whose time limit was cut to the budget (the launcher rounds it down to whole minutes) ends less
-        than `LAST_JOB_S` before the budget does: its deadline is the budget's, and says so."""
+        than `LAST_JOB_S` before the budget does, or leaves less than another job needs (`next_job_possible`): its
+        deadline is the budget's, and says so."""
         m = margin_s(step_s, checkpoint_s)
         budget_end = self.budget_end(now, billed_so_far)
         if budget_end is not None and now + m >= budget_end:
             return "budget"
         if self.job_end is not None and now + m >= self.job_end:
-            last_job = budget_end is not None and budget_end - self.job_end < LAST_JOB_S
+            left_after = budget_end - self.job_end if budget_end is not None else None
+            last_job = left_after is not None and (left_after < LAST_JOB_S or (
+                self.next_job_s is not None and not next_job_possible(left_after, self.next_job_s)))
             return "budget" if last_job else "deadline"
         return None

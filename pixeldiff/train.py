@@ -415,6 +415,8 @@ class Trainer:
         past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
         self.segment_t0 = float(os.environ.get("PIXELDIFF_JOB_START") or time.time())  # billing starts with the allocation
         self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size, now=self.segment_t0)
+        if self.under_slurm:  # another job follows this one only if the budget can pay for it
+            self.limits.next_job_s = self.m.cluster.max_job_hours * 3600
         self.billed_before = billed_gpu_seconds(past)
         self.carry_timings(past)
         self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
@@ -443,7 +445,7 @@ class Trainer:
             raise
         finally:
             self.close_data()
-        if 0 < self.stop_code < DEADLINE_STOP and self.env.launcher == "slurm":
+        if 0 < self.stop_code < DEADLINE_STOP and self.under_slurm:
             # a timeout or preemption signal in a job that the budget cannot follow with another: the run ends here,
             # for the budget (all ranks take rank 0's answer)
             last = self.env.is_main and not self.next_job_affordable()
@@ -524,6 +526,11 @@ class Trainer:
         job_s = self.m.cluster.max_job_hours * 3600 if self.m.cluster.backend == "slurm" else left
         jobs = max(1, math.ceil(left / max(job_s, 1.0)))
         return left - jobs * per_job
+
+    @property
+    def under_slurm(self) -> bool:
+        """A Slurm job (of any size), whose end the launcher follows with another job or not."""
+        return bool(os.environ.get("SLURM_JOB_ID")) and self.m.cluster.backend == "slurm"
 
     def next_job_affordable(self, now: float | None = None) -> bool:
         now = now or time.time()

@@ -22,6 +22,9 @@ def test_billed_gpu_seconds_closes_dead_segments_at_their_last_sign_of_life():
     assert billed_gpu_seconds(events[:3]) == 800
     assert billed_gpu_seconds(events[:6]) == 800 + 4 * 120  # no end and no `until`: to the last heartbeat
     assert billed_gpu_seconds(events, until=1050) == 800 + 480 + 2 * 50
+    # a job that died is closed at its trainer's last sign of life, not at the launcher's next event hours later
+    dead = [ev("segment_start", 0, gpus=8), ev("heartbeat", 60), ev("job_submitted", 7 * 3600, job_id="9")]
+    assert billed_gpu_seconds(dead) == 8 * 60
     # a Slurm job's allocation started before its trainer did
     assert billed_gpu_seconds([ev("segment_start", 10, gpus=2, job_start=4), ev("segment_end", 20)]) == 2 * 16
 

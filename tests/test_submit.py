@@ -119,16 +119,16 @@ def test_failed_nodes_blames_the_rank_with_its_own_error(tmp_path):
     report_failure(tmp_path, 2, RuntimeError("CUDA error: an illegal memory access"), {**env, "SLURMD_NODENAME": "node2"})
     for r in (0, 1):
         report_failure(tmp_path, r, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
-    nodes, first = failed_nodes(tmp_path, 4, env, wait_s=0.5)  # rank 3 reported nothing, rank 2 its own error
-    assert nodes == ["node2"] and "illegal memory access" in first
+    nodes, first, fatal = failed_nodes(tmp_path, 4, env, wait_s=0.5)  # rank 3 reported nothing, rank 2 its own error
+    assert nodes == ["node2"] and "illegal memory access" in first and not fatal
 
 
 def test_failed_nodes_blames_a_rank_that_died_silently(tmp_path):
     env = {"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NODELIST": "node[3-4]", "SLURM_NTASKS": "4"}
     for r in (0, 1, 2):
         report_failure(tmp_path, r, RuntimeError("Connection reset by peer"), env)
-    nodes, first = failed_nodes(tmp_path, 4, env, wait_s=0.5)
-    assert nodes == ["node4"] and "3" in first and "died" in first
+    nodes, first, fatal = failed_nodes(tmp_path, 4, env, wait_s=0.5)
+    assert nodes == ["node4"] and "3" in first and "died" in first and not fatal
     assert json.loads((tmp_path / "jobs" / "failures-9-1" / "rank00000.json").read_text())["collective"] is True
 
 
@@ -149,3 +149,29 @@ def test_plan_takes_measured_throughput_from_a_calibration_file(tmp_path):
     calib.write_text("{}")
     bad = run_cli("launcher.cli", "plan", "manifests/speedrun.yaml", "--calibration", str(calib))
     assert bad.returncode == 2 and "not a calibration file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_error_on_every_node_or_a_fatal_one_blames_no_node(tmp_path):
+    env = {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "0", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "2"}
+    for r, node in ((0, "node1"), (1, "node2")):  # e.g. a micro-batch too large for every GPU
+        report_failure(tmp_path, r, RuntimeError("CUDA out of memory"), {**env, "SLURMD_NODENAME": node})
+    assert failed_nodes(tmp_path, 2, env, wait_s=0.5) == ([], "RuntimeError: CUDA out of memory", False)
+    env["SLURM_RESTART_COUNT"] = "1"  # a rank's data error is the data's, not its node's: stop, blame no one
+    report_failure(tmp_path, 0, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
+    report_failure(tmp_path, 1, ValueError("too many bad samples"), {**env, "SLURMD_NODENAME": "node2"}, fatal=True)
+    nodes, first, fatal = failed_nodes(tmp_path, 2, env, wait_s=0.5)
+    assert (nodes, fatal) == ([], True) and "bad samples" in first
+
+
+def test_a_submission_from_inside_a_job_does_not_carry_the_job_environment(monkeypatch):
+    from launcher.submit import job_environment_scrubbed
+    import os
+
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_CONF": "/etc/slurm.conf", "MASTER_ADDR": "node1", "MASTER_PORT": "20007",
+                 "PIXELDIFF_DEADLINE": "1", "SLURMD_NODENAME": "node1", "HOME_KEPT": "yes"}.items():
+        monkeypatch.setenv(k, v)
+    with job_environment_scrubbed():
+        assert os.environ.get("SLURM_CONF") == "/etc/slurm.conf" and os.environ.get("HOME_KEPT") == "yes"
+        assert not any(k in os.environ for k in ("SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT", "PIXELDIFF_DEADLINE",
+                                                 "SLURMD_NODENAME"))
+    assert os.environ["SLURM_JOB_ID"] == "7" and os.environ["MASTER_ADDR"] == "node1"  # restored afterwards
