@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pixeldiff.config import ConfigError, Manifest, load_resolved
-from pixeldiff.deadline import Limits
+from pixeldiff.deadline import SEGMENT_EVENTS, Limits
 from pixeldiff.ledger import read_jsonl
 from slurm.types import AcctRecord, QueueEntry
 
@@ -65,7 +65,7 @@ ALIVE_S = 180.0  # without squeue or a lock: an open segment seen this recently 
 RECENT_EVENTS = 12
 LOSS_HISTORY = 60
 TERMINAL = ("finished", "failed", "over_budget", "cancelled")
-TRAINER_EVENTS = ("segment_start", "heartbeat", "checkpoint_saved", "stage_change", "warning", "budget_stop", "segment_end")
+TRAINER_EVENTS = SEGMENT_EVENTS  # what a job's trainer writes: the signs of life of a segment
 QUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESIZING", "SUSPENDED")
 RUNNING_STATES = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING")
 FAILED_STATES = ("FAILED", "NODE_FAIL", "BOOT_FAIL", "OUT_OF_MEMORY", "DEADLINE", "TIMEOUT")
@@ -599,6 +599,8 @@ def describe(e: dict) -> str:
         return f"run stopped: {e.get('reason')}"
     if k == "budget_stop":
         return f"budget stop at step {e.get('step')}"
+    if k == "schedule_change":
+        return f"stages re-split to fit the budget at step {e.get('step')}: ends {e.get('ends')}"
     if k == "warning":
         return f"warning: {e.get('message')}"
     fields = ", ".join(f"{a}={b}" for a, b in e.items() if a not in skip)

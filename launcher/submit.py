@@ -91,14 +91,12 @@ def time_limit_min(m: Manifest, events: list[dict], now: float) -> int:
 def make_executor(m: Manifest, run_dir: Path, minutes: int, exclude: list[str]):
     import submitit
 
-    from launcher.plan import make_plan
-
-    c = m.cluster
-    ex = submitit.SlurmExecutor(folder=str(Path(run_dir) / "jobs" / "%j"), max_num_timeout=make_plan(m)["jobs"]["max_timeouts"])
+    c, jobs = m.cluster, plan_jobs(m)
+    ex = submitit.SlurmExecutor(folder=str(Path(run_dir) / "jobs" / "%j"), max_num_timeout=jobs["max_timeouts"])
     setup = list(c.setup) + [f"export {k}={json.dumps(str(v))}" for k, v in c.env.items()]
     params = dict(
         job_name=m.name, nodes=c.nodes, ntasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
-        time=minutes, signal_delay_s=min(signal_lead_s(m), minutes * 30), setup=setup, stderr_to_stdout=True,
+        time=minutes, signal_delay_s=min(int(jobs["signal_lead_s"]), minutes * 30), setup=setup, stderr_to_stdout=True,
     )
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(c, key):
@@ -132,10 +130,11 @@ def job_environment_scrubbed():
         os.environ.update(stale)
 
 
-def signal_lead_s(m: Manifest) -> int:
+def plan_jobs(m: Manifest) -> dict:
+    """The plan's job section: time limit, USR2 lead, requeue limits (launcher.plan.job_plan)."""
     from launcher.plan import make_plan
 
-    return int(make_plan(m)["jobs"]["signal_lead_s"])
+    return make_plan(m)["jobs"]
 
 
 def submit(run_dir: Path, m: Manifest, why: str = "start", now: float | None = None) -> str:
@@ -389,17 +388,15 @@ def job_main(run_dir: Path, environ=os.environ) -> str:
             append_event(led, "job_failed", job_id=environ.get("SLURM_JOB_ID", ""), node=nodes[0] if nodes else None,
                          nodes=nodes, message=first, failures=failures)
             close_own_segment(run_dir, f"failed: {first}", environ)
-            from launcher.plan import make_plan
-
-            action = next_action(m, events, f"failed: {first}", time.time(), job_end,
-                                 make_plan(m)["jobs"]["max_timeouts"], signal_lead_s(m), tuple(nodes))
+            jobs = plan_jobs(m)
+            action = next_action(m, events, f"failed: {first}", time.time(), job_end, jobs["max_timeouts"],
+                                 jobs["signal_lead_s"], tuple(nodes))
             act(run_dir, m, action, environ)
         raise
     if env.rank == 0 and environ.get("SLURM_JOB_ID"):
-        from launcher.plan import make_plan
-
-        action = next_action(m, events_of(run_dir), reason, time.time(), job_end,
-                             make_plan(m)["jobs"]["max_timeouts"], signal_lead_s(m))
+        jobs = plan_jobs(m)
+        action = next_action(m, events_of(run_dir), reason, time.time(), job_end, jobs["max_timeouts"],
+                             jobs["signal_lead_s"])
         act(run_dir, m, action, environ)
     return reason
 
