@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pixeldiff.config import ConfigError, Manifest, load_resolved
-from pixeldiff.deadline import SEGMENT_EVENTS, Limits
+from pixeldiff.budget import SEGMENT_EVENTS, Limits
 from pixeldiff.ledger import read_jsonl
 from slurm.types import AcctRecord, QueueEntry
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pixeldiff.config import ConfigError, Manifest, load_resolved
-from pixeldiff.deadline import billed_gpu_seconds, next_job_possible
+from pixeldiff.budget import billed_gpu_seconds, next_job_possible
 from pixeldiff.ledger import append_event, read_jsonl
 
 FAILURE_WAIT_S = 15.0  # how long rank 0 waits for the other ranks' failure reports

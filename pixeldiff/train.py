@@ -28,7 +28,7 @@ import torch
 from pixeldiff import checkpoint, distributed
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import SyntheticShapes
-from pixeldiff.deadline import Limits, billed_gpu_seconds, margin_s, next_job_possible
+from pixeldiff.budget import Limits, billed_gpu_seconds, margin_s, next_job_possible
 from pixeldiff.ledger import append_event, read_jsonl
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction

@@ -7,7 +7,7 @@ import pytest
 from launcher.cli import main as launch_main
 from pixeldiff import checkpoint
 from pixeldiff.config import BudgetConfig
-from pixeldiff.deadline import Limits, billed_gpu_seconds, margin_s
+from pixeldiff.budget import Limits, billed_gpu_seconds, margin_s
 from pixeldiff.ledger import read_jsonl
 
 
