@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from pixeldiff.config import Manifest
+from pixeldiff.presets import param_count
 from pixeldiff.schedule import budget_gpu_hours, stage_steps
 
 STARTUP_S = 120.0  # a job's start-up before its first step (imports, NCCL, restore), an estimate
@@ -19,13 +20,7 @@ WRITE_BYTES_PER_S = 1e9  # checkpoint write speed to shared storage, an estimate
 
 def checkpoint_bytes(m: Manifest) -> int:
     """Bytes of one checkpoint: fp32 weights, EMA, and Adam's two moments (4 copies)."""
-    import torch
-
-    from pixeldiff.model import PixelDiT
-
-    with torch.device("meta"):
-        n = PixelDiT(m.model, m.data.text.dim).num_params()
-    return 4 * 4 * n
+    return 4 * 4 * param_count(m.model, m.data.text.dim)
 
 
 def job_plan(m: Manifest, run_hours: float | None, stage_rows: list[dict]) -> dict:

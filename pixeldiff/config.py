@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from pixeldiff.model import ModelConfig
+from pixeldiff.presets import ModelConfig, resolve_model_config
 
 
 _YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -307,8 +307,6 @@ def to_dict(obj: Any) -> Any:
 
 def validate(m: Manifest) -> None:
     """Cross-field checks, run once after loading. Raises ConfigError naming the field and the fix."""
-    from pixeldiff.model import resolve_model_config
-
     if not m.name or any(c in m.name for c in "/ \\"):
         raise ConfigError(f"name: {m.name!r} must be non-empty without spaces or slashes (it names the run directory)")
     for key in ("usd", "wall_hours", "gpu_hour_usd"):

@@ -1,7 +1,8 @@
 """A diffusion transformer over raw pixel patches (JiT-style), read from the leaves up.
 
 The network is pure: (noisy image x_t, time t, text tokens) -> predicted clean image.
-Time sampling, noising, the loss and the samplers live in `objective.py`.
+Time sampling, noising, the loss and the samplers live in `objective.py`; the sizes (ModelConfig,
+the presets, the parameter count) in `presets.py`, which the manifest imports without torch.
 
 - patch embedding with a bottleneck: linear p*p*3 -> bottleneck -> width
 - 2D RoPE on image tokens (integer patch-grid positions), QK RMSNorm
@@ -13,54 +14,12 @@ Time sampling, noising, the loss and the samplers live in `objective.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ModelConfig:
-    preset: str = "tiny"  # one of PRESETS; the fields below override it
-    width: Optional[int] = None
-    depth: Optional[int] = None
-    heads: Optional[int] = None
-    patch_size: Optional[int] = None
-    bottleneck: Optional[int] = None
-    mlp_ratio: Optional[float] = None
-    rope_theta: Optional[float] = None
-
-
-# Size presets. "JiT-32" is the speedrun's ~1.2B model (PRX: width 1792, depth 16, 28 heads,
-# patch 32 with a 256-wide bottleneck, gated MLP 3.5x).
-PRESETS: dict[str, dict] = {
-    "test": dict(width=32, depth=2, heads=2, patch_size=4, bottleneck=16, mlp_ratio=2.0, rope_theta=1e4),
-    "tiny": dict(width=128, depth=4, heads=4, patch_size=8, bottleneck=64, mlp_ratio=3.5, rope_theta=1e4),
-    "S/32": dict(width=384, depth=12, heads=6, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
-    "B/32": dict(width=768, depth=12, heads=12, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
-    "L/32": dict(width=1024, depth=24, heads=16, patch_size=32, bottleneck=128, mlp_ratio=3.5, rope_theta=1e4),
-    "JiT-32": dict(width=1792, depth=16, heads=28, patch_size=32, bottleneck=256, mlp_ratio=3.5, rope_theta=1e4),
-}
-
-
-def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """The preset with the overrides applied; every field filled in. Raises ValueError on a bad size."""
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"preset {cfg.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
-    base = dict(PRESETS[cfg.preset])
-    for k in base:
-        if getattr(cfg, k) is not None:
-            base[k] = getattr(cfg, k)
-    out = replace(cfg, **base)
-    if min(out.width, out.depth, out.heads, out.patch_size, out.bottleneck) <= 0 or out.mlp_ratio <= 0:
-        raise ValueError("width, depth, heads, patch_size, bottleneck and mlp_ratio must be > 0")
-    if out.width % out.heads:
-        raise ValueError(f"width {out.width} is not divisible by heads {out.heads}")
-    if (out.width // out.heads) % 4:
-        raise ValueError(f"head dim {out.width // out.heads} must be a multiple of 4 for 2D RoPE")
-    return out
+from pixeldiff.presets import PRESETS, ModelConfig, resolve_model_config  # noqa: F401 (sizes: presets.py)
 
 
 # ------------------------------------------------------------------ helpers

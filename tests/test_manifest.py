@@ -26,7 +26,7 @@ from launcher.plan import make_plan
 from pixeldiff.config import (
     BudgetConfig, ConfigError, LossesConfig, LpipsLossConfig, Manifest, StageConfig, dump_yaml, from_dict,
 )
-from pixeldiff.model import PRESETS, ModelConfig
+from pixeldiff.presets import PRESETS, ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SPEEDRUN = REPO / "manifests" / "speedrun.yaml"
