@@ -1,4 +1,4 @@
-"""Drawing a run summary (launcher.ledger.summary) for a terminal: the `watch` dashboard and `status` text.
+"""Drawing a run summary (launcher.summary.summary) for a terminal: the `watch` dashboard and `status` text.
 
 `build(summary, width, height)` makes one rich renderable that never exceeds `width` x `height`:
 every line is cut to the width (no wrapping), and the jobs and events lists shrink to the

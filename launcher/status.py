@@ -5,7 +5,7 @@
 
 Both only read the run directory and, for a Slurm run, `squeue`/`sacct` (one of each per
 refresh, at most every 10 s); they can be started and stopped at will. What the numbers mean:
-launcher/ledger.py and docs/dashboard.md.
+launcher/summary.py (and the modules it names) and docs/dashboard.md.
 
 Exit status of `status` (and of `watch` when the run reaches an end while watched):
      0  finished
@@ -29,21 +29,20 @@ import time
 from pathlib import Path
 
 from launcher import dashboard
-from launcher.ledger import TERMINAL, RunDirError, SlurmPoller, summary, to_json
+from launcher.rundir import RunDirError, read_run
+from launcher.slurmview import SlurmPoller
+from launcher.state import TERMINAL
+from launcher.summary import summary, to_json
 
 EXIT = {"finished": 0, "running": 10, "queued": 10, "failed": 1, "over_budget": 3, "cancelled": 4}
 SLURM_MIN_INTERVAL_S = 10.0
 
 
 def slurm_client(run_dir: Path):
-    """A Slurm client for a Slurm run (None for a local run, or while the client is not installed)."""
-    from launcher.ledger import read_run
+    """A Slurm client for a Slurm run (None for a local run)."""
+    from slurm.commands import Slurm
 
     if read_run(run_dir).manifest.cluster.backend != "slurm":
-        return None
-    try:
-        from slurm.commands import Slurm
-    except ImportError:
         return None
     return Slurm()
 

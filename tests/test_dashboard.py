@@ -21,7 +21,9 @@ from rich.console import Console
 
 from launcher import status
 from launcher.dashboard import render
-from launcher.ledger import SlurmError, SlurmView, summary
+from launcher.slurmview import SlurmView
+from launcher.summary import summary
+from slurm.commands import SlurmError
 from slurm.types import AcctRecord, QueueEntry
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,15 +1,19 @@
-"""The cost ledger's arithmetic (launcher/ledger.py) with a fake clock: segments, cost, goodput, forecast, state."""
+"""The run summary's arithmetic with a fake clock: segments and cost (pixeldiff/billing.py), goodput, forecast, state
+(launcher/summary.py and the modules it is built from)."""
 
 import fcntl
 import json
 
 import pytest
 
-from launcher.ledger import (SlurmError, SlurmPoller, SlurmView, build_segments, close_segments, forecast,
-                             lock_held, match_acct, summary, RunDirError)
+from launcher.forecast import forecast
 from launcher.plan import make_plan
+from launcher.rundir import RunDirError, lock_held
+from launcher.slurmview import SlurmPoller, SlurmView, match_acct
+from launcher.summary import summary
+from pixeldiff.billing import billed_gpu_seconds, build_segments, close_segments
 from pixeldiff.config import Manifest, dump_yaml, from_dict, validate
-from pixeldiff.budget import billed_gpu_seconds
+from slurm.commands import SlurmError
 from slurm.types import AcctRecord, QueueEntry
 
 
@@ -90,7 +94,7 @@ def test_segments_end_at_their_end_event_at_now_at_sacct_end_or_at_their_last_si
     close_segments(segs, now=1100.0, live=False)
     assert [(s.end_source, s.end) for s in segs] == [("segment_end", 100.0), ("last_seen", 260.0), ("last_seen", 1070.0)]
     assert [s.billed for s in segs] == [800.0, 4 * 60.0, 2 * 70.0]
-    # with only trainer events, the same total as the budget guard's own count (pixeldiff.budget)
+    # with only trainer events, the same total as the budget guard's own count (billed_gpu_seconds)
     trainer_only = [e for e in events if e["event"] != "job_failed"]
     plain = build_segments(trainer_only, [])
     close_segments(plain, now=0.0, live=False)
