@@ -24,7 +24,6 @@ from pathlib import Path
 
 from launcher.manifest import load_manifest
 from launcher.plan import format_plan, make_plan
-from pixeldiff.checkpoint import CheckpointError
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 
 
@@ -110,32 +109,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def run_state(run_dir: Path, events: list[dict]) -> str | None:
-    """'finished' or 'over_budget' when the run is over and must not be submitted again, else None."""
-    ends = [e for e in events if e["event"] == "segment_end"]
-    if ends and ends[-1].get("reason") == "finished":
-        return "finished"
-    if ends and ends[-1].get("reason") == "budget":
-        return "over_budget"
-    stops = [e for e in events if e["event"] in ("run_stopped", "job_submitted")]
-    if stops and stops[-1]["event"] == "run_stopped" and stops[-1].get("kind") == "budget":
-        return "over_budget"
-    return None
-
-
 def cmd_run_slurm(args, m: Manifest) -> int:
     import fcntl
 
-    from launcher.submit import SubmitError, events_of, submit, submitted_jobs
+    from launcher.policy import SubmitError, submitted_jobs
+    from launcher.rundir import events_of
+    from launcher.state import run_over
+    from launcher.submit import submit
     from slurm.commands import Slurm, SlurmError
 
     run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
     with open(run_dir / "submit.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two `run`s of the same run directory: one submits, the other sees it
         events = events_of(run_dir)
-        over = run_state(run_dir, events)
+        over = run_over(events)
         if over:
-            print(f"run {m.name} in {run_dir} is {over.replace('_', ' ')}; nothing to submit")
+            print(f"run {m.name} in {run_dir} is {over[0].replace('_', ' ')}; nothing to submit")
             return 0
         jobs = submitted_jobs(events)
         try:
@@ -183,6 +172,7 @@ def cmd_run(args) -> int:
         print(f"job running in the background: pid {proc.pid}, log {log}")
         print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
         return 0
+    from pixeldiff.checkpoint import CheckpointError
     from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, exit_code, run_job
 
@@ -190,6 +180,8 @@ def cmd_run(args) -> int:
         reason = run_job(run_dir, log=lambda s: print(s, flush=True))
     except RunLocked as e:
         raise UsageError(f"{e}; wait for it or stop it first") from None
+    except CheckpointError as e:  # torch is imported only here, where a local run trains
+        raise UsageError(str(e)) from None
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
         return 1
@@ -197,7 +189,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from launcher.submit import events_of, ledger_path, submitted_jobs
+    from launcher.policy import submitted_jobs
+    from launcher.rundir import events_of, ledger_path
     from pixeldiff.ledger import append_event
     from slurm.commands import Slurm, SlurmError
 
@@ -286,7 +279,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError, CheckpointError) as e:
+    except (ConfigError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

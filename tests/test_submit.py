@@ -1,4 +1,5 @@
-"""The launcher's decisions after a job segment, and the plan's job segments (pure; a fake clock)."""
+"""The launcher's decisions after a job segment (launcher/policy.py), failure reports (launcher/job.py), and the plan's
+job segments (pure; a fake clock)."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,8 @@ import pytest
 
 from launcher.manifest import load_manifest
 from launcher.plan import make_plan
-from launcher.submit import (Action, SubmitError, failed_nodes, is_collective_error, next_action, rank_nodes,
-                             report_failure, time_limit_min)
+from launcher.job import failed_nodes, is_collective_error, rank_nodes, report_failure
+from launcher.policy import Action, SubmitError, next_action, time_limit_min
 
 NOW = 1_800_000_000.0
 
