@@ -17,7 +17,7 @@ import subprocess
 import time
 from typing import Callable, Iterable
 
-from slurm.parse import parse_sacct, parse_scontrol_record, parse_scontrol_records, parse_sinfo, parse_squeue
+from slurm.parse import parse_sacct, parse_scontrol_record, parse_sinfo, parse_squeue
 from slurm.types import AcctRecord, NodeInfo, QueueEntry
 
 # The formats are ours, so the parsers know exactly what they get. %R (reason) comes last: it may hold anything.
@@ -88,9 +88,6 @@ class Slurm:
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as key -> value (EndTime, RunTime, TimeLimit, NodeList, Reason, ...)."""
         return parse_scontrol_record(self.run(["scontrol", "show", "job", str(job_id)]))
-
-    def node_details(self) -> list[dict[str, str]]:
-        return parse_scontrol_records(self.run(["scontrol", "show", "node"]))
 
     # ------------------------------------------------------------ actions
 
