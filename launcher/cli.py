@@ -73,7 +73,7 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
 def check_weights(m: Manifest) -> None:
     """Local perceptual-loss weights must exist before anything starts (s3:// ones are checked when the job starts);
     random-init perceptual networks are announced on stderr."""
-    from pixeldiff.perceptual import preflight
+    from pixeldiff.weights import preflight
 
     for message in preflight(m):
         print(f"warning: {message}", file=sys.stderr)

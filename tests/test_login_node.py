@@ -30,3 +30,11 @@ def test_status_json_on_a_finished_run_never_imports_torch():
     timed = python("-X", "importtime", "-m", "launcher.cli", "status", "tests/data/runs/finished", "--json")
     assert timed.returncode == 0, timed.stderr
     assert "launcher.summary" in timed.stderr and not re.search(r"\|\s+torch$", timed.stderr, re.M)
+
+
+def test_plan_without_perceptual_losses_never_imports_torch():
+    code = ("import sys; from launcher.cli import main; rc = main(['plan', 'manifests/dryrun.yaml']); "
+            "print('TORCH', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    out = python("-c", code)
+    assert out.returncode == 0, out.stderr
+    assert "plan for dryrun" in out.stdout and "TORCH False" in out.stderr
