@@ -1,24 +1,30 @@
-"""When must this job stop on its own? The job's deadline and the budget's, with a measured margin.
+"""The job's clock: when this job must stop on its own, whether another job is affordable, and the
+`finish_stages` re-split of the remaining stages; and the billing rules the launcher uses too.
 
 Two limits:
 - the job's end: `PIXELDIFF_DEADLINE` (Unix time; the launcher sets it from the Slurm job's
   end time), so the job saves and exits before Slurm kills it;
 - the budget: the wall-clock cap counts from the run's first segment start, the dollar cap
-  converts to GPU-seconds (`usd / gpu_hour_usd * 3600`) and counts every segment's billed
-  GPU-seconds (GPUs x (end - start), from the ledger) plus this one's so far.
+  converts to GPU-seconds and counts every segment's billed GPU-seconds plus this one's so far
+  (the rules are `pixeldiff.billing`'s, which the launcher uses too).
 
 The stop comes `margin` seconds early: room for two more steps, the final checkpoint (1.5x
 the slowest save measured so far, or an estimate before the first), and a fixed safety.
-Everything here is a pure function of the times it is given, so tests use a fake clock.
+Everything here is a pure function of the times it is given, so tests use a fake clock; `JobClock`
+holds one job's measured step and save times and asks these functions. Torch-free: the login node
+imports it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 
-from pixeldiff.config import BudgetConfig
+from pixeldiff.billing import billed_gpu_seconds, gpu_seconds_cap, run_started, trainer_stage_rates
+from pixeldiff.config import BudgetConfig, Manifest
+from pixeldiff.schedule import resplit
 
 
 LAST_JOB_S = 90.0  # a job ending this close to the budget's end is the run's last
@@ -30,35 +36,8 @@ def next_job_possible(seconds_left: float, job_s: float) -> bool:
     return seconds_left >= min(MIN_JOB_S, job_s)
 
 
-# what a job's trainer writes while it lives (the signs of life that close a segment that died without an end)
-SEGMENT_EVENTS = ("segment_start", "heartbeat", "checkpoint_saved", "stage_change", "schedule_change", "warning",
-                  "budget_stop", "segment_end")
-
-
 def margin_s(step_s: float, checkpoint_s: float, safety_s: float = 30.0) -> float:
     return 2 * step_s + 1.5 * checkpoint_s + safety_s
-
-
-def billed_gpu_seconds(events: list[dict], until: float | None = None) -> float:
-    """GPU-seconds of the finished segments in a ledger: GPUs x (end - start); a segment without an
-    end event is closed at its last heartbeat or event. The open segment (if `until`) counts to `until`."""
-    total, start, gpus, last = 0.0, None, 0, None
-    for e in events:
-        if e["event"] not in SEGMENT_EVENTS:  # the launcher's events say nothing of a job that may be long dead
-            continue
-        if e["event"] == "segment_start":
-            if start is not None:  # died without an end: closed at its last sign of life
-                total += gpus * max(0.0, last - start)
-            # a Slurm job's segment starts when Slurm allocated it (job_start), before the trainer's start-up
-            start, gpus, last = e.get("job_start", e["time"]), e.get("gpus", 1), e["time"]
-        elif start is not None:
-            last = e["time"]
-            if e["event"] == "segment_end":
-                total += gpus * max(0.0, last - start)
-                start = None
-    if start is not None:
-        total += gpus * max(0.0, (until if until is not None else last) - start)
-    return total
 
 
 @dataclass
@@ -74,11 +53,11 @@ class Limits:
                  now: float | None = None) -> "Limits":
         """`events`: the ledger before this segment; the wall clock counts from the first segment's start (this one's,
         `now`, for the run's first)."""
-        starts = [e.get("job_start", e["time"]) for e in events if e["event"] == "segment_start"]
         job_end = float(environ["PIXELDIFF_DEADLINE"]) if environ.get("PIXELDIFF_DEADLINE") else None
-        first = starts[0] if starts else (now if now is not None else time.time())
+        first = run_started(events)
+        first = first if first is not None else (now if now is not None else time.time())
         wall_end = first + budget.wall_hours * 3600 if budget.wall_hours else None
-        cap = budget.usd / budget.gpu_hour_usd * 3600 if budget.usd and budget.gpu_hour_usd else None
+        cap = gpu_seconds_cap(budget)
         return cls(job_end, wall_end, cap, gpus)
 
     def budget_end(self, now: float, billed_so_far: float) -> float | None:
@@ -104,3 +83,70 @@ class Limits:
                 self.next_job_s is not None and not next_job_possible(left_after, self.next_job_s)))
             return "budget" if last_job else "deadline"
         return None
+
+
+class JobClock:
+    """One job's view of time and money: when it started (billing counts from Slurm's allocation), what earlier
+    jobs were billed, and its measured step and save times, which size the stop margin.
+
+    `past` is the ledger before this job's `segment_start`; `metrics` the run's metrics records so far."""
+
+    def __init__(self, m: Manifest, past: list[dict], metrics: list[dict], gpus: int, start: float,
+                 under_slurm: bool, environ=os.environ):
+        self.m, self.gpus, self.start, self.metrics = m, gpus, start, metrics
+        self.limits = Limits.from_run(m.budget, past, gpus=gpus, environ=environ, now=start)
+        self.job_s = m.cluster.max_job_hours * 3600
+        if under_slurm:  # another job follows this one only if the budget can pay for it
+            self.limits.next_job_s = self.job_s
+        self.billed_before = billed_gpu_seconds(past)
+        self.step_s, self.checkpoint_s = 0.0, 10.0  # 10 s until a save is measured
+        self._measured_save = False
+        # start the margin from what earlier jobs measured, not from nothing: a job that starts with a few seconds
+        # of budget left must see that it has none
+        saves = [e.get("seconds_write", e.get("seconds_blocked", 0.0)) for e in past if e["event"] == "checkpoint_saved"]
+        if saves:
+            self.checkpoint_s, self._measured_save = max(saves[-5:]), True
+        recent = [r["step_time"] for r in metrics[-5:] if r.get("step_time")]
+        if recent:
+            self.step_s = sum(recent) / len(recent)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
+
+    def observe_save(self, write_s: float) -> None:
+        """A finished save's write time (a final save is synchronous: it takes the whole write time)."""
+        self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, write_s)
+        self._measured_save = True
+
+    def billed(self, now: float | None = None) -> float:
+        return self.billed_before + self.gpus * ((now or time.time()) - self.start)
+
+    def stop_reason(self, now: float | None = None) -> str | None:
+        """'deadline' or 'budget' when the job's end or the budget is within the margin, else None."""
+        now = now or time.time()
+        return self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s)
+
+    def next_job_affordable(self, now: float | None = None) -> bool:
+        now = now or time.time()
+        budget_end = self.limits.budget_end(now, self.billed(now))
+        return budget_end is None or next_job_possible(budget_end - now, self.job_s)
+
+    def seconds_left(self, now: float, budget_end: float) -> float:
+        """Training seconds before the budget ends: less this job's start-up (as measured) for each job still to
+        come, and the stop margin."""
+        per_job = max(0.0, now - self.start) + margin_s(0.0, self.checkpoint_s)
+        left = budget_end - now
+        job_s = self.job_s if self.m.cluster.backend == "slurm" else left
+        jobs = max(1, math.ceil(left / max(job_s, 1.0)))
+        return left - jobs * per_job
+
+    def resplit(self, ends: tuple[int, ...], step: int, now: float | None = None) -> tuple[int, ...] | None:
+        """budget.policy finish_stages: the stage ends that fit what the budget has left, from the measured speed
+        (None: no cap)."""
+        now = now or time.time()
+        budget_end = self.limits.budget_end(now, self.billed(now))
+        if budget_end is None:
+            return None
+        return resplit(ends, step, [s.global_batch for s in self.m.stages],
+                       trainer_stage_rates(self.metrics, self.m.stages, self.gpus), self.gpus,
+                       self.seconds_left(now, budget_end))

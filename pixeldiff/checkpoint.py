@@ -18,6 +18,10 @@ says so). DCP's save returns on rank 0 only after every rank's write finished, s
 follows them all. The newest `keep` valid checkpoints stay; pruning deletes a checkpoint's
 marker first, so a half-deleted one is never mistaken for a valid one.
 
+`CheckpointManager` is what the trainer holds: the named parts of a checkpoint (model, optimizer and
+EMA in the DCP shards; the train state and the data position in each rank's file), restored and saved
+together, with finished saves reported once.
+
 Loading (`load_into`) reads the shards into the current model's layout whatever the number
 of ranks or the parallelism that saved them (DCP reshards); `load` reads whole state dicts in
 one process (sampling, tests, tools).
@@ -391,11 +395,101 @@ class Saver:
             raise CheckpointError(f"writing the checkpoint of step {record['step']} to {self.root} failed: {e}") from e
         return [record]
 
-    @property
-    def in_flight(self) -> bool:
-        return self._pending is not None
-
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+
+
+# ------------------------------------------------------------------ the trainer's named parts
+
+
+class ModelState:
+    """A module (and, when given, its optimizer) as a checkpoint part, keyed by parameter name: this rank's shards
+    under FSDP, so it reshards on load. `ModelState(m)` is the module's part, `ModelState(m, opt)` the optimizer's."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint import state_dict as sd
+
+        if self.optimizer is None:
+            return sd.get_model_state_dict(self.module)
+        return sd.get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint import state_dict as sd
+
+        if self.optimizer is None:
+            sd.set_model_state_dict(self.module, state)
+        else:
+            sd.set_optimizer_state_dict(self.module, self.optimizer, state)
+
+
+def rank_file(rank: int) -> str:
+    return f"train_state-rank{rank:05d}.pt"
+
+
+class CheckpointManager:
+    """Restores and saves a checkpoint's named parts on every rank.
+
+    `sharded`: name -> part (state_dict/load_state_dict) written with DCP (PARTS: model, optimizer, ema).
+    `train`: the train state, the top level of each rank's `train_state-rankNNNNN.pt`; `data`: the data position,
+    under its "data" key (its load_state_dict also gets every rank's, for a restart on another number of ranks).
+    `files()`: extra files rank 0 writes (resolved manifest, provenance). `on_saved(record)`: called once for each
+    finished save (the ledger record)."""
+
+    def __init__(self, root, keep: int, async_save: bool, rank: int, world: int, sharded: dict, train, data,
+                 files, on_saved, storage_options: dict | None = None, process_group=None, barrier=lambda: None,
+                 broadcast=lambda obj: obj, log=print):
+        self.root, self.async_save, self.rank, self.world = root, async_save, rank, world
+        self.sharded, self.train, self.data, self.files, self.on_saved = sharded, train, data, files, on_saved
+        self.storage_options, self.process_group, self.broadcast, self.log = storage_options, process_group, broadcast, log
+        self.saver = Saver(root, keep, rank, storage_options, process_group, barrier=barrier)
+        self.saved_step: int | None = None
+
+    def restore(self) -> str | None:
+        """Load the latest valid checkpoint into every part (all ranks). -> its path, or None to start afresh."""
+        path = None
+        if self.rank == 0:  # one decision for all ranks
+            path = latest_valid(self.root, log=self.log, storage_options=self.storage_options)
+        path = self.broadcast(None if path is None else str(path))
+        if path is None:
+            return None
+        if not is_remote(path):
+            path = Path(path)
+        state = {name: part.state_dict() for name, part in self.sharded.items()}  # the layout DCP fills
+        load_into(path, state, self.process_group, self.storage_options)
+        for name, part in self.sharded.items():
+            part.load_state_dict(state[name])
+        ranks = rank_states(path, self.storage_options)  # rank -> what that rank saved
+        own = ranks.get(self.rank, ranks[0])
+        self.train.load_state_dict(own)
+        self.data.load_state_dict(own["data"], [r["data"] for r in ranks.values()])
+        self.saved_step = self.train.step
+        return str(path)
+
+    def save(self, step: int, final: bool = False) -> None:
+        """Save at `step` (all ranks): in the background when checkpoint.async_save, except a `final` save, which is
+        complete (marker written) when this returns. A step already saved is not saved again."""
+        if self.saved_step != step:
+            files = {rank_file(self.rank): torch_bytes({**self.train.state_dict(), "data": self.data.state_dict()})}
+            if self.rank == 0:
+                files.update(self.files())
+            state = {name: part.state_dict() for name, part in self.sharded.items()}
+            self._report(self.saver.save(step, state, files, background=self.async_save and not final))
+            self.saved_step = step
+        if final:
+            self._report(self.saver.wait())
+
+    def poll(self) -> None:
+        """Report a background save that finished since the last call."""
+        self._report(self.saver.poll())
+
+    def _report(self, records: list[dict]) -> None:
+        for r in records:
+            self.on_saved(r)
+
+    def close(self) -> None:
+        self.saver.close()

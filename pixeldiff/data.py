@@ -1,4 +1,5 @@
-"""Built-in synthetic data: coloured shapes named in the caption.
+"""Built-in synthetic data (coloured shapes named in the caption), and the batch-source interface that it
+and the shard reader (`pixeldiff.shards.ShardSource`) implement for the trainer.
 
 No files, no network, learnable in minutes on a CPU and text-conditioned: the
 caption says the shape, its colour and the background, so samples visibly follow
@@ -8,7 +9,25 @@ is just the number of samples consumed, and resume needs nothing else.
 
 from __future__ import annotations
 
+from typing import Iterator, Protocol
+
 import torch
+
+
+class BatchSource(Protocol):
+    """What the trainer asks of its data, whichever source it is.
+
+    `batches(resolution, micro, accum)`: this rank's micro-batches in order, `accum` per optimizer step, each a dict
+    with "image" (B, 3, R, R) (float in [-1, 1], or uint8) and either "caption" (B strings) or "emb" (B, L, D) and
+    "mask" (B, L). `state_dict()` is this rank's data position; `load_state_dict(state, every_rank)` restores it
+    (`every_rank`: all ranks' saved states, as the number of ranks may have changed). `stats()` adds to the metrics
+    record; `close()` stops the current iterator's workers."""
+
+    def batches(self, resolution: int, micro: int, accum: int = 1) -> Iterator[dict]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict, every_rank: list[dict] | None = None) -> None: ...
+    def stats(self) -> dict: ...
+    def close(self) -> None: ...
 
 COLORS = {
     "red": (1.0, 0.1, 0.1),
@@ -57,3 +76,34 @@ class SyntheticShapes:
         """Samples start .. start+size-1 -> images (size, 3, R, R) in [-1, 1] and their captions."""
         items = [self.sample(i, resolution) for i in range(start, start + size)]
         return torch.stack([im for im, _ in items]), [c for _, c in items]
+
+
+class SyntheticSource:
+    """SyntheticShapes as a batch source. The position is the number of samples the whole run consumed (the same on
+    every rank); micro-batch k of a step's global batch starts at position + k * micro, whichever rank runs it, so
+    runs on different numbers of ranks see the same samples."""
+
+    def __init__(self, seed: int, rank: int = 0, world: int = 1):
+        self.shapes, self.rank, self.world = SyntheticShapes(seed), rank, world
+        self.samples = 0
+
+    def batches(self, resolution: int, micro: int, accum: int = 1):
+        while True:
+            start = self.samples
+            self.samples += micro * accum * self.world  # the step's global batch
+            for a in range(accum):
+                chunk = self.rank * accum + a  # this micro-batch's place in the global batch
+                images, captions = self.shapes.batch(start + chunk * micro, micro, resolution)
+                yield {"image": images, "caption": captions}
+
+    def state_dict(self) -> dict:
+        return {"samples": self.samples}
+
+    def load_state_dict(self, state: dict, every_rank: list[dict] | None = None) -> None:
+        self.samples = state["samples"]
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from slurm.nodelist import expand as nodelist_expand
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -40,15 +42,11 @@ class DistEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
+    """The first host of a Slurm node list ('gpu[03-05,9],cpu1' -> 'gpu03'), by `slurm.nodelist`'s one parser."""
+    hosts = nodelist_expand(nodelist)
+    if not hosts:
         raise ValueError(f"cannot read the Slurm node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(3)
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return hosts[0]
 
 
 def port_for_job(job_id: str) -> int:
@@ -110,17 +108,19 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_mean(values: list[float], device: torch.device) -> list[float]:
-    """Mean over ranks of a few floats, in one collective."""
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+def all_mean(values: torch.Tensor) -> list[float]:
+    """Mean over ranks of a few values (a 1-d tensor on this rank's device), in one collective, in float64."""
+    t = values.to(torch.float64)
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t = t / dist.get_world_size()
+    return t.tolist()
 
 
-def max_int(value: int, device: torch.device) -> int:
-    """The largest value over ranks, on every rank: how ranks agree to stop (a signal number) at a step boundary."""
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest value over ranks, on every rank: how ranks agree at a step boundary to stop (a signal number or
+    a stop code) or to take the last job's exit."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.int64, device=device)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixeldiff.storage import storage_options
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BAD_KINDS = ("truncated_tar", "corrupt_image", "not_image", "missing_caption", "too_large", "too_small",
              "bad_embedding", "empty_shard", "shard_missing", "read_error")
@@ -88,16 +90,6 @@ def shard_list(spec, storage_options: dict | None = None) -> list[str]:
 
 def _options_for(url: str, storage_options: dict | None) -> dict:
     return dict(storage_options or {}) if url.startswith("s3://") else {}
-
-
-def s3_options(endpoint_url: str | None, profile: str | None, anon: bool) -> dict:
-    """fsspec/s3fs options; credentials stay in the environment (never in the run directory)."""
-    opts: dict = {"anon": anon}
-    if profile:
-        opts["profile"] = profile
-    if endpoint_url:
-        opts["client_kwargs"] = {"endpoint_url": endpoint_url}
-    return opts
 
 
 # ------------------------------------------------------------------ order and positions
@@ -420,7 +412,7 @@ class ShardSource:
     def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
         self.cfg, self.text_cfg, self.rank, self.world = data_cfg, text_cfg, rank, world
         self.workers = data_cfg.workers
-        self.storage_options = s3_options(data_cfg.s3.endpoint_url, data_cfg.s3.profile, data_cfg.s3.anon)
+        self.storage_options = storage_options(data_cfg.s3)
         self.urls = shard_list(data_cfg.shards, self.storage_options)
         self.n_streams = world * max(1, self.workers)
         if len(self.urls) < self.n_streams:
@@ -440,7 +432,11 @@ class ShardSource:
         return {"n_streams": self.n_streams, "positions": {s: p.as_list() for s, p in self.positions.items()},
                 "bad": self.bad_samples(), "samples": self.samples, "batches": self.batches_seen}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, every_rank: list[dict] | None = None) -> None:
+        """`state`: this rank's saved state; `every_rank`: all ranks' (their streams' positions, and the counts rank
+        0 takes over when the number of ranks changed)."""
+        if every_rank is not None:
+            state = merge_data_states(every_rank, own=state, same_world=len(every_rank) == self.world, rank=self.rank)
         old = {int(s): p for s, p in state["positions"].items()}
         new = relayout(old, state["n_streams"], self.n_streams, len(self.urls), self.cfg.seed)
         self.positions = {s: new[s] for s in self.positions}
@@ -463,8 +459,22 @@ class ShardSource:
                 f"{bad} of {total} samples were bad ({bad / total:.1%} > data.max_bad_fraction "
                 f"{self.cfg.max_bad_fraction:g}): {self.bad_samples()}; check the shards named in the log")
 
-    def batches(self, resolution: int, micro: int):
-        """Endless iterator of batches at `resolution`, starting from the recorded positions."""
+    def stats(self) -> dict:
+        return {"bad_samples": self.bad_samples()}
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.close()  # the generator's exit shuts the DataLoader's workers down
+            self._loader = None
+
+    def batches(self, resolution: int, micro: int, accum: int = 1):
+        """Endless iterator of batches at `resolution`, starting from the recorded positions (`accum`: unused, a
+        rank's stream is the same however its batches are grouped into steps)."""
+        self.close()
+        self._loader = self._batches(resolution, micro)
+        return self._loader
+
+    def _batches(self, resolution: int, micro: int):
         c = self.cfg
         opt = ReadOptions(resolution=resolution, flip=c.flip, small_images=c.small_images, max_pixels=c.max_pixels,
                           retries=c.retries, backoff_s=c.retry_backoff_s, block_size=c.block_size_mb << 20,

@@ -1,17 +1,17 @@
 """The training job: restore, train through the stage schedule, checkpoint, stop cleanly.
 
-`run_job(run_dir)` is what every launcher (in-process, detached, Slurm) calls.
-Everything the job needs is in the run directory: `manifest.yaml` (resolved) and
-the latest valid checkpoint. Signals (SIGINT, SIGTERM, SIGUSR2) only set a flag;
-the loop notices it at the next step boundary, saves, and returns.
+`run_job(run_dir)` is what every launcher (in-process, detached, Slurm) calls. Everything the job
+needs is in the run directory: `manifest.yaml` (resolved) and the latest valid checkpoint. The
+`Trainer` builds the parts (model and its parallel wrapping, EMA, optimizer, data, checkpoints,
+the job's clock, metrics) and runs the loop; each part is its own module. Signals (SIGINT,
+SIGTERM, SIGUSR2) only set a flag; the loop notices it at the next step boundary, saves, and
+returns.
 """
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
-import math
 import os
 import platform
 import signal
@@ -20,22 +20,26 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pixeldiff import checkpoint, distributed
+from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
-from pixeldiff.data import SyntheticShapes
-from pixeldiff.budget import Limits, billed_gpu_seconds, margin_s, next_job_possible
-from pixeldiff.ledger import append_event, read_jsonl
+from pixeldiff.data import BatchSource, SyntheticSource
+from pixeldiff.ema import EMA
+from pixeldiff.ledger import read_jsonl
+from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
-from pixeldiff.perceptual import PerceptualLosses, forward_flops, storage_options_for
+from pixeldiff.parallel import clip_gradients, parallelize
+from pixeldiff.perceptual import PerceptualLosses, forward_flops
 from pixeldiff.sample import render_grid
-from pixeldiff.schedule import StageSchedule, lr_at, resplit
-from pixeldiff.shards import DataError, ShardSource, merge_data_states
+from pixeldiff.schedule import StageSchedule, lr_at
+from pixeldiff.shards import DataError, ShardSource
+from pixeldiff.storage import storage_options
 from pixeldiff.text import make_text_encoder
 
 
@@ -115,45 +119,32 @@ def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> t
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 4099 + chunk)
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):  # FSDP: both are DTensors sharded alike, a local op
-        e.lerp_(p, 1 - decay)
-
-
-def shard_like(ema: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-    """Make `ema`'s parameters copies of `model`'s FSDP2 shards (DTensors): each rank keeps its shard of the EMA.
-
-    The EMA gets no FSDP hooks (it never runs forward sharded); sampling gathers its full state dict first."""
-    for name, p in model.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        setattr(ema.get_submodule(owner) if owner else ema, leaf, torch.nn.Parameter(p.detach().clone(), requires_grad=False))
-    return ema
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm`; -> the norm before clipping (also with sharded DTensor grads)."""
-    from torch.distributed.tensor import DTensor
-
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(norm, DTensor):  # FSDP: partial norms of the shards; reduce over ranks
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
-    return norm.item()
-
-
 @dataclass
 class TrainState:
+    """Where the run is: the step, its stage, and the stage schedule when the budget re-split it."""
+
     step: int = 0
     stage: int = 0
-    samples_seen: int = 0  # data position: samples consumed so far (all ranks)
-    rng: dict = field(default_factory=dict)
-    stage_ends: list | None = None  # the stage schedule when the budget re-split it (budget.policy: finish_stages)
+    stage_ends: list | None = None  # budget.policy finish_stages
 
-    def to_dict(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "samples_seen": self.samples_seen, "rng": self.rng,
-                "stage_ends": self.stage_ends}
+    def state_dict(self) -> dict:
+        return {"step": self.step, "stage": self.stage, "stage_ends": self.stage_ends}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.stage, self.stage_ends = state["step"], state["stage"], state.get("stage_ends")
+
+
+def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> BatchSource:
+    if m.data.source == "synthetic":
+        return SyntheticSource(m.data.seed, env.rank, env.world_size)
+    return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda")
+
+
+def micro_layout(stage, world_size: int) -> tuple[int, int]:
+    """-> (micro-batch size, micro-batches per step) of one rank: global batch = micro x ranks x accumulation."""
+    per_rank = stage.global_batch // world_size
+    micro = stage.micro_batch or per_rank
+    return micro, per_rank // micro
 
 
 # ------------------------------------------------------------------ the job
@@ -172,424 +163,228 @@ class Trainer:
                                   f"x micro_batch")
         self.device = pick_device(m, env)
         self.schedule = StageSchedule.from_manifest(m)
-        d = m.checkpoint.dir
-        self.ckpt_root = (d if checkpoint.is_remote(d) else Path(d)) if d else self.run_dir / "checkpoints"
-        self.ckpt_options = storage_options_for(m) if checkpoint.is_remote(self.ckpt_root) else None
         self.encoder = make_text_encoder(m.data.text, self.device)
         if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
             null_text, null_mask = torch.zeros(1, m.data.text.max_tokens, m.data.text.dim), torch.zeros(1, m.data.text.max_tokens, dtype=torch.bool)
         else:
             null_text, null_mask = self.encoder.encode([""])
         self.objective = XPrediction(m.objective, null_text[0], null_mask[0])
-        if m.data.source == "synthetic":
-            self.data = SyntheticShapes(m.data.seed)
-        else:
-            self.data = ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size,
-                                    pin_memory=self.device.type == "cuda")
-        self._batches, self._batches_key = None, None
-        # Frozen perceptual networks: separate objects (not in the model, optimizer, EMA or checkpoints). Their
-        # weights are checked (and s3:// ones fetched) here, before any training.
-        self.perceptual = PerceptualLosses(m.losses, self.device, storage_options_for(m), log=self.log)
+        self.data = build_data(m, env, self.device)
+        # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and
+        # s3:// ones fetched) here, before any training.
+        self.perceptual = PerceptualLosses(m.losses, self.device, storage_options(m.data.s3), log=self.log)
 
         torch.manual_seed(m.seed)
         self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.net, self.ddp, self.fsdp = self.wrap()
+        self.ema = EMA(self.model, m.optimizer.ema_decay, m.optimizer.ema_every)
+        self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device)
         o = m.optimizer
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.state = TrainState()
         self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
-        self.step_s, self.checkpoint_s = 0.0, 10.0  # measured as the job runs; 10 s until the first save
-        self._saved_step = -1
-        self._measured_save = False
-        self.saver = checkpoint.Saver(self.ckpt_root, m.checkpoint.keep, env.rank, self.ckpt_options,
-                                      distributed.checkpoint_group(), barrier=distributed.barrier)
+        self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
+        self.clock: JobClock | None = None  # made when the job starts (run)
+        d = m.checkpoint.dir
+        root = (d if checkpoint.is_remote(d) else Path(d)) if d else self.run_dir / "checkpoints"
         self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
                            "python": platform.python_version(), "host": socket.gethostname()}
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        )
+        self.ckpt = checkpoint.CheckpointManager(
+            root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
+            sharded={"model": checkpoint.ModelState(self.model), "ema": self.ema,
+                     "optimizer": checkpoint.ModelState(self.model, self.opt)},
+            train=self.state, data=self.data, files=self.provenance_files, on_saved=self.on_saved,
+            storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
+            process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
+            broadcast=distributed.broadcast_object, log=self.log)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
-    # ----- checkpoints
+    def provenance_files(self) -> dict[str, bytes]:
+        return {"manifest.yaml": dump_yaml(self.m).encode(), "provenance.json": json.dumps(self.provenance, indent=1).encode()}
 
-    def wrap(self):
-        """The one place the single-device model is wrapped: data parallelism (DDP or FSDP2), then compilation.
-
-        -> (the module the loop calls, the DDP wrapper or None, whether FSDP2 shards the model)."""
-        env, c = self.env, self.m.cluster
-        ddp, fsdp = None, False
-        if env.world_size > 1 and c.parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = distributed.device_mesh(self.device)
-            for block in self.model.blocks:  # each block's parameters are gathered just before it runs
-                fully_shard(block, mesh=mesh)
-            fully_shard(self.model, mesh=mesh)  # the rest: embeddings, final layer
-            shard_like(self.ema, self.model)
-            fsdp = True
-        elif env.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        net = ddp or self.model
-        if c.compile:
-            net = torch.compile(net)
-        return net, ddp, fsdp
-
-    def no_sync(self, sync: bool):
-        """Gradient accumulation: reduce gradients over ranks only on the last micro-batch of a step."""
-        if self.fsdp:
-            self.model.set_requires_gradient_sync(sync)
-            return nullcontext()
-        return nullcontext() if sync or self.ddp is None else self.ddp.no_sync()
-
-    # ----- checkpoints
-
-    def state_dicts(self) -> dict:
-        """Model, EMA and optimizer state keyed by parameter name: this rank's shards (FSDP) or whole tensors."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        model, optimizer = get_state_dict(self.model, self.opt)
-        return {"model": model, "ema": get_model_state_dict(self.ema), "optimizer": optimizer}
-
-    def load_state_dicts(self, parts: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.model, self.opt, model_state_dict=parts["model"], optim_state_dict=parts["optimizer"])
-        self.ema.load_state_dict(parts["ema"])
+    def on_saved(self, record: dict) -> None:
+        """A finished save: the save time the stop margin plans for, and the ledger event."""
+        if self.clock is not None:
+            self.clock.observe_save(record["seconds_write"])
+        self.metrics.event("checkpoint_saved", **{k: record[k] for k in ("step", "checkpoint", "seconds_blocked",
+                                                                         "seconds_write", "bytes", "async") if k in record})
 
     def restore(self) -> bool:
-        path = None
-        if self.env.is_main:  # one decision for all ranks
-            path = checkpoint.latest_valid(self.ckpt_root, log=self.log, storage_options=self.ckpt_options)
-        path = distributed.broadcast_object(None if path is None else str(path))
+        path = self.ckpt.restore()
         if path is None:
+            self.state.stage = self.schedule.stage_at(0)
             return False
-        if not checkpoint.is_remote(path):
-            path = Path(path)
-        parts = self.state_dicts()  # the layout to fill: DCP reads whatever shards this rank needs
-        checkpoint.load_into(path, parts, distributed.checkpoint_group(), self.ckpt_options)
-        self.load_state_dicts(parts)
-        ranks = checkpoint.rank_states(path, self.ckpt_options)  # rank -> train_state, as saved by each rank
-        ts = ranks.get(self.env.rank, ranks[0])
-        self.state = TrainState(ts["step"], ts["stage"], ts["samples_seen"], ts["rng"], ts.get("stage_ends"))
         if self.state.stage_ends:
             self.schedule = StageSchedule(tuple(self.state.stage_ends))
-        if isinstance(self.data, ShardSource):
-            self.data.load_state_dict(merge_data_states([r["data"] for r in ranks.values()], own=ts["data"],
-                                                        same_world=len(ranks) == self.env.world_size,
-                                                        rank=self.env.rank))
-        self._saved_step = self.state.step
-        if len(ranks) == self.env.world_size:
-            torch.set_rng_state(ts["rng"]["torch"])
         self.log(f"resumed from {path} at step {self.state.step} (stage {self.m.stages[self.state.stage].name})")
         return True
 
-    def save(self, final: bool = False) -> None:
-        """Save at this step (all ranks). In the background when checkpoint.async_save, except a `final` save,
-        which is complete (marker written) when this returns."""
-        if self._saved_step != self.state.step:  # else e.g. a signal right after an interval save
-            self.state.rng = {"torch": torch.get_rng_state()}
-            train_state = {**self.state.to_dict(), **({"data": self.data.state_dict()} if isinstance(self.data, ShardSource) else {})}
-            files = {f"train_state-rank{self.env.rank:05d}.pt": checkpoint.torch_bytes(train_state)}
-            if self.env.is_main:
-                files.update({"manifest.yaml": dump_yaml(self.m).encode(),
-                              "provenance.json": json.dumps(self.provenance, indent=1).encode()})
-            background = self.m.checkpoint.async_save and not final
-            self.report_saves(self.saver.save(self.state.step, self.state_dicts(), files, background))
-            self._saved_step = self.state.step
-        if final:
-            self.report_saves(self.saver.wait())
-
-    def report_saves(self, records: list[dict]) -> None:
-        """Finished saves: the ledger event (rank 0), and the save time the deadline margin plans for."""
-        for r in records:
-            write_s = r["seconds_write"]  # a final save is synchronous: it takes the whole write time
-            self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, write_s)
-            self._measured_save = True
-            self.event("checkpoint_saved", **{k: r[k] for k in ("step", "checkpoint", "seconds_blocked",
-                                                                 "seconds_write", "bytes", "async") if k in r})
-
-    # ----- outputs
-
-    def event(self, kind: str, **fields) -> None:
-        if self.env.is_main:
-            append_event(self.run_dir / "ledger.jsonl", kind, **fields)
-
-    def write_metrics(self, record: dict) -> None:
-        if not self.env.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def sampling_ema(self) -> torch.nn.Module | None:
-        """The EMA as one whole module on rank 0 (None elsewhere); with FSDP every rank takes part in gathering it."""
-        if not self.fsdp:
-            return self.ema if self.env.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.env.is_main:
-            return None
-        ema = PixelDiT(self.m.model, self.m.data.text.dim)
-        ema.load_state_dict(full)
-        return ema.to(self.device)
-
     def write_samples(self) -> Path | None:
+        """The sample grid of the EMA at this step (all ranks take part: a sharded EMA is gathered first)."""
         lg, stage = self.m.logging, self.m.stages[self.state.stage]
-        out = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
-        ema = self.sampling_ema()
+        ema = self.ema.gathered(self.env.is_main, lambda: PixelDiT(self.m.model, self.m.data.text.dim), self.device)
         if ema is None:
             return None
-        render_grid(ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
-                    per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
-        return out
+        out = self.run_dir / "samples" / f"step-{self.state.step:08d}.png"
+        return render_grid(ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, out,
+                           per_prompt=4, steps=lg.sample_steps, cfg_scale=lg.sample_cfg, seed=self.m.seed)
 
-    # ----- data
-
-    def next_batch(self, resolution: int, micro: int, chunk: int):
-        """Micro-batch `chunk` of the current global batch.
-
-        -> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), all on the device."""
-        st, dev = self.state, self.device
-        if isinstance(self.data, SyntheticShapes):
-            images, captions = self.data.batch(st.samples_seen + chunk * micro, micro, resolution)
-            text, mask = self.encoder.encode(captions)
-            return images.to(dev), text.to(dev), mask.to(dev)
-        if self._batches_key != (resolution, micro):  # a new stage: new loader from the consumed position
-            self.close_data()
-            self._batches, self._batches_key = self.data.batches(resolution, micro), (resolution, micro)
-        b = next(self._batches)
-        images = b["image"].to(dev, non_blocking=True).float().div_(127.5).sub_(1)
+    def device_batch(self, b: dict):
+        """-> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), on the device."""
+        dev = self.device
+        images = b["image"].to(dev, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = images.float().div_(127.5).sub_(1)
         if "emb" in b:
             return images, b["emb"].to(dev, non_blocking=True), b["mask"].to(dev, non_blocking=True)
         text, mask = self.encoder.encode(b["caption"])
         return images, text.to(dev), mask.to(dev)
 
-    def close_data(self) -> None:
-        if self._batches is not None:
-            self._batches.close()
-            self._batches, self._batches_key = None, None
-
     # ----- one optimizer step
 
-    def train_step(self) -> dict:
+    def train_step(self, batches) -> dict:
+        """One optimizer step over this rank's micro-batches. -> the step's loss and parts (device tensors), lr,
+        gradient norm (a device tensor)."""
         m, st = self.m, self.state
-        stage = m.stages[st.stage]
-        per_rank = stage.global_batch // self.env.world_size
-        micro = stage.micro_batch or per_rank
-        accum = per_rank // micro  # global batch = micro x ranks x accum
+        micro, accum = micro_layout(m.stages[st.stage], self.env.world_size)
         lr = lr_at(st.step, m.optimizer)
         for group in self.opt.param_groups:
             group["lr"] = lr
         total, parts = 0.0, {}
         for a in range(accum):
-            chunk = self.env.rank * accum + a  # this micro-batch's place in the global batch
-            images, text, mask = self.next_batch(stage.resolution, micro, chunk)
-            gen = chunk_generator(m.seed, st.step, chunk, self.device)
-            with self.autocast, self.no_sync(a == accum - 1):  # reduce gradients once per step
-                loss, x0_hat, t = self.objective.loss(self.net, images, text, mask, gen)
+            images, text, mask = self.device_batch(next(batches))
+            gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)
+            with self.autocast, self.par.reduce_gradients(a == accum - 1):  # reduce gradients once per step
+                loss, x0_hat, t = self.objective.loss(self.par.net, images, text, mask, gen)
                 if self.perceptual:
                     terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}
                     loss = loss + sum(self.perceptual.weight(k) * v for k, v in terms.items() if k != "mse")
-                    for k, v in terms.items():  # summed on the device: one sync per step, below
+                    for k, v in terms.items():
                         parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
                 (loss / accum).backward()
-            total += loss.item() / accum
-        st.samples_seen += stage.global_batch
+            total = total + loss.detach().double() / accum
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
         grad_norm = clip_gradients(list(self.model.parameters()), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
-        if st.step % m.optimizer.ema_every == 0:
-            ema_update(self.ema, self.model, m.optimizer.ema_decay)
-        parts = {k: v.item() for k, v in parts.items()} if parts else {"mse": total}
-        return {"loss": total, "lr": lr, "grad_norm": grad_norm, "parts": parts}
+        self.ema.update(self.model, st.step)
+        return {"loss": total, "lr": lr, "grad_norm": grad_norm, "parts": parts or {"mse": total}}
 
     # ----- the loop
 
-    def run(self, stop: StopFlag) -> str:
-        if not self.restore():
-            self.state.stage = self.schedule.stage_at(0)
-        st = self.state
-        past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
-        self.segment_t0 = float(os.environ.get("PIXELDIFF_JOB_START") or time.time())  # billing starts with the allocation
-        self.limits = Limits.from_run(self.m.budget, past, gpus=self.env.world_size, now=self.segment_t0)
-        if self.under_slurm:  # another job follows this one only if the budget can pay for it
-            self.limits.next_job_s = self.m.cluster.max_job_hours * 3600
-        self.billed_before = billed_gpu_seconds(past)
-        self.carry_timings(past)
-        self.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
-                   restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                   nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
-                   nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
-                   launcher=self.env.launcher, step=st.step,
-                   **({"job_start": float(os.environ["PIXELDIFF_JOB_START"])} if os.environ.get("PIXELDIFF_JOB_START") else {}))
-        if self.m.budget.policy == "finish_stages":
-            self.resplit_stages()
-        self.log(f"{self.m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
-                 f"steps {st.step}/{self.schedule.total_steps}")
-        for message in self.perceptual.warnings:  # on every start, and in the ledger
-            self.log(f"WARNING: {message}")
-            self.event("warning", message=message, step=st.step)
-        if self.perceptual:
-            res = self.m.stages[st.stage].resolution
-            flops = forward_flops(self.m.losses, res)
-            self.log(f"perceptual losses (forward FLOPs per image for {res} px images; a step runs ~3x): " + ", ".join(
-                f"{k} {getattr(self.m.losses, k).net} weight {self.perceptual.weight(k):g} "
-                f"{flops[k] / 1e9:.2f} GFLOP" for k in self.perceptual.terms))
-        try:
-            self.loop(stop)
-        except DataError as e:
-            self.event("segment_end", reason=f"failed: {e}", step=st.step)
-            raise
-        finally:
-            self.close_data()
-        if 0 < self.stop_code < DEADLINE_STOP and self.under_slurm:
-            # a timeout or preemption signal in a job that the budget cannot follow with another: the run ends here,
-            # for the budget (all ranks take rank 0's answer)
-            last = self.env.is_main and not self.next_job_affordable()
-            if distributed.max_int(int(last), self.device):
-                self.stop_code = BUDGET_STOP
-        self.save(final=True)  # complete, marker written, before anything else: a signal's deadline may be near
-        self.saver.close()
-        if self.stop_code == DEADLINE_STOP:
-            reason = "deadline"
-            self.log(f"stopped at step {st.step} before the job's end time; run again (or requeue) to resume")
-        elif self.stop_code == BUDGET_STOP:
-            reason = "budget"
-            self.event("budget_stop", step=st.step, billed_gpu_seconds=round(self.billed(), 1))
-            self.log(f"budget spent: stopped at step {st.step} of {self.schedule.total_steps}; "
-                     f"samples: {self.write_samples()}")
-        elif self.stop_code:
-            reason = f"signal {signal.Signals(self.stop_code).name}"
-            self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
-        else:
-            reason = "finished"
-            self.log(f"finished at step {st.step}; samples: {self.write_samples()}")
-        self.event("segment_end", reason=reason, step=st.step)
-        return reason
-
-    def carry_timings(self, past: list[dict]) -> None:
-        """Start the stop margin from the step and save times earlier jobs measured, not from nothing: a job that
-        starts with a few seconds of budget left must see that it has none."""
-        saves = [e.get("seconds_write", e.get("seconds_blocked", 0.0)) for e in past if e["event"] == "checkpoint_saved"]
-        if saves:
-            self.checkpoint_s, self._measured_save = max(saves[-5:]), True
-        recent = [r["step_time"] for r in read_jsonl(self.run_dir / "metrics.jsonl")[-5:] if r.get("step_time")]
-        if recent:
-            self.step_s = sum(recent) / len(recent)
-
-    def resplit_stages(self, now: float | None = None) -> None:
-        """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not
-        fit the budget (rank 0 decides from metrics.jsonl and the ledger; every rank takes its answer)."""
-        ends = None
-        if self.env.is_main:
-            now = now or time.time()
-            budget_end = self.limits.budget_end(now, self.billed(now))
-            if budget_end is not None:
-                ends = resplit(self.schedule.ends, self.state.step, [s.global_batch for s in self.m.stages],
-                               self.stage_rates(), self.env.world_size, self.seconds_left(now, budget_end))
-        ends = distributed.broadcast_object(ends)
-        if ends is None or tuple(ends) == self.schedule.ends:
-            return
-        self.event("schedule_change", step=self.state.step, ends=list(ends), previous=list(self.schedule.ends))
-        self.log(f"budget.policy finish_stages: stage ends {list(self.schedule.ends)} -> {list(ends)} to fit the budget")
-        self.schedule = StageSchedule(tuple(ends))
-        self.state.stage_ends = list(ends)
-
-    def stage_rates(self) -> list[float | None]:
-        """img/s per GPU for each stage: measured (recent metrics) where the stage ran, else its estimate scaled by how
-        the measured stages compared with their estimates."""
-        recs = read_jsonl(self.run_dir / "metrics.jsonl")
-        measured, ratio = [], []
-        for s in self.m.stages:
-            rates = [r["img_per_s"] / self.env.world_size for r in recs if r.get("stage") == s.name][-10:]
-            measured.append(sum(rates) / len(rates) if rates else None)
-            if rates and s.est_img_per_s_per_gpu:
-                ratio.append(measured[-1] / s.est_img_per_s_per_gpu)
-        q = sum(ratio) / len(ratio) if ratio else 1.0
-        out = [r if r is not None else (s.est_img_per_s_per_gpu * q if s.est_img_per_s_per_gpu else None)
-               for r, s in zip(measured, self.m.stages)]
-        known = [i for i, r in enumerate(measured) if r is not None]
-        for i, s in enumerate(self.m.stages):  # no estimate either: the nearest measured stage, scaled by pixels
-            if out[i] is None and known:
-                k = min(known, key=lambda j: abs(j - i))
-                out[i] = measured[k] * (self.m.stages[k].resolution / s.resolution) ** 2
-        return out
-
-    def seconds_left(self, now: float, budget_end: float) -> float:
-        """Training seconds before the budget ends: less this job's start-up (as measured) for each job still to come,
-        and the stop margin."""
-        per_job = max(0.0, now - self.segment_t0) + margin_s(0.0, self.checkpoint_s)
-        left = budget_end - now
-        job_s = self.m.cluster.max_job_hours * 3600 if self.m.cluster.backend == "slurm" else left
-        jobs = max(1, math.ceil(left / max(job_s, 1.0)))
-        return left - jobs * per_job
-
-    @property
-    def under_slurm(self) -> bool:
-        """A Slurm job (of any size), whose end the launcher follows with another job or not."""
-        return bool(os.environ.get("SLURM_JOB_ID")) and self.m.cluster.backend == "slurm"
-
-    def next_job_affordable(self, now: float | None = None) -> bool:
-        now = now or time.time()
-        budget_end = self.limits.budget_end(now, self.billed(now))
-        return budget_end is None or next_job_possible(budget_end - now, self.m.cluster.max_job_hours * 3600)
-
-    def billed(self, now: float | None = None) -> float:
-        return self.billed_before + self.env.world_size * ((now or time.time()) - self.segment_t0)
-
-    def limit_reached(self, now: float | None = None) -> int:
-        """Rank 0: DEADLINE_STOP or BUDGET_STOP when the job's end or the budget is within the margin, else 0."""
-        if not self.env.is_main:
-            return 0
-        now = now or time.time()
-        hit = self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s)
+    def limit_code(self) -> int:
+        """Rank 0 watches the clock: DEADLINE_STOP or BUDGET_STOP when the job's end or the budget is near, else 0."""
+        hit = self.clock.stop_reason() if self.env.is_main else None
         return {"deadline": DEADLINE_STOP, "budget": BUDGET_STOP}.get(hit, 0)
 
     def loop(self, stop: StopFlag) -> None:
         """Train until the schedule ends or a stop is requested (checked at step boundaries)."""
         m, st = self.m, self.state
-        window_t, window_img, last_heartbeat = time.perf_counter(), 0, time.time()
+        batches, layout = None, None
+        self.metrics.start()
         while st.step < self.schedule.total_steps:
-            # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this
-            # step boundary (one small collective)
-            self.stop_code = distributed.max_int(max(stop.signum or 0, self.limit_reached()), self.device)
+            # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this step boundary
+            self.stop_code = distributed.agree_max(max(stop.signum or 0, self.limit_code()), self.device)
             if self.stop_code:
                 break
             stage_idx = self.schedule.stage_at(st.step)
             if stage_idx != st.stage:
-                self.event("stage_change", step=st.step, stage=m.stages[stage_idx].name, previous=m.stages[st.stage].name)
+                self.metrics.event("stage_change", step=st.step, stage=m.stages[stage_idx].name, previous=m.stages[st.stage].name)
                 self.log(f"step {st.step}: stage {m.stages[st.stage].name} -> {m.stages[stage_idx].name}")
                 st.stage = stage_idx
             stage = m.stages[st.stage]
+            if layout != (stage.resolution, *micro_layout(stage, self.env.world_size)):
+                layout = (stage.resolution, *micro_layout(stage, self.env.world_size))
+                batches = self.data.batches(*layout)  # a new stage: a new stream from the consumed position
             t0 = time.perf_counter()
-            out = self.train_step()
-            dt_step = time.perf_counter() - t0
-            self.step_s = dt_step if not self.step_s else 0.9 * self.step_s + 0.1 * dt_step
-            window_img += stage.global_batch
-            if st.step % m.logging.metrics_interval == 0:
-                dt = time.perf_counter() - window_t
-                names = list(out["parts"])
-                loss, *values = distributed.all_mean([out["loss"], *out["parts"].values()], self.device)
-                rec = {"step": st.step, "stage": stage.name, "resolution": stage.resolution, "loss": round(loss, 6),
-                       **{f"loss_{k}": round(v, 6) for k, v in zip(names, values)}, "img_per_s": round(window_img / dt, 2),
-                       "step_time": round(time.perf_counter() - t0, 4), "lr": out["lr"], "grad_norm": round(out["grad_norm"], 4),
-                       "time": time.time()}
-                if isinstance(self.data, ShardSource):
-                    rec["bad_samples"] = self.data.bad_samples()
-                self.write_metrics(rec)
-                self.log(json.dumps(rec))
-                window_t, window_img = time.perf_counter(), 0
-            if time.time() - last_heartbeat > 60:
-                self.event("heartbeat", step=st.step)
-                last_heartbeat = time.time()
-            self.report_saves(self.saver.poll())  # a background save that finished since the last step
+            out = self.train_step(batches)
+            self.clock.observe_step(time.perf_counter() - t0)
+            self.metrics.step(st.step, stage, out, t0, self.data.stats)
+            self.metrics.heartbeat(st.step)
+            self.ckpt.poll()  # a background save that finished since the last step
             if st.step % m.checkpoint.interval_steps == 0:
-                self.save()
+                self.ckpt.save(st.step)
             if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
                 self.write_samples()
+
+    def run(self, stop: StopFlag) -> str:
+        self.restore()
+        st, m = self.state, self.m
+        past = read_jsonl(self.run_dir / "ledger.jsonl")  # earlier segments: what the budget already paid for
+        job_start = os.environ.get("PIXELDIFF_JOB_START")  # billing starts with Slurm's allocation
+        under_slurm = bool(os.environ.get("SLURM_JOB_ID")) and m.cluster.backend == "slurm"
+        self.clock = JobClock(m, past, read_jsonl(self.run_dir / "metrics.jsonl"), self.env.world_size,
+                              float(job_start or time.time()), under_slurm)
+        self.metrics.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
+                           restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                           nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
+                           nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
+                           launcher=self.env.launcher, step=st.step, **({"job_start": float(job_start)} if job_start else {}))
+        if m.budget.policy == "finish_stages":
+            self.resplit_stages()
+        self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
+                 f"steps {st.step}/{self.schedule.total_steps}")
+        self.log_perceptual()
+        try:
+            self.loop(stop)
+        except DataError as e:
+            self.metrics.event("segment_end", reason=f"failed: {e}", step=st.step)
+            raise
+        finally:
+            self.data.close()
+        if 0 < self.stop_code < DEADLINE_STOP and under_slurm:
+            # a timeout or preemption signal in a job that the budget cannot follow with another: the run ends here,
+            # for the budget (all ranks take rank 0's answer)
+            last = self.env.is_main and not self.clock.next_job_affordable()
+            if distributed.agree_max(int(last), self.device):
+                self.stop_code = BUDGET_STOP
+        self.ckpt.save(st.step, final=True)  # complete, marker written, before anything else: a deadline may be near
+        self.ckpt.close()
+        reason = self.finish()
+        self.metrics.event("segment_end", reason=reason, step=st.step)
+        return reason
+
+    def finish(self) -> str:
+        """The end of the job after its final save: the samples, the log line. -> the segment's end reason."""
+        st = self.state
+        if self.stop_code == DEADLINE_STOP:
+            self.log(f"stopped at step {st.step} before the job's end time; run again (or requeue) to resume")
+            return "deadline"
+        if self.stop_code == BUDGET_STOP:
+            self.metrics.event("budget_stop", step=st.step, billed_gpu_seconds=round(self.clock.billed(), 1))
+            grid = self.write_samples()  # a collective under FSDP: every rank calls it
+            self.log(f"budget spent: stopped at step {st.step} of {self.schedule.total_steps}; samples: {grid}")
+            return "budget"
+        if self.stop_code:
+            reason = f"signal {signal.Signals(self.stop_code).name}"
+            self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
+            return reason
+        grid = self.write_samples()
+        self.log(f"finished at step {st.step}; samples: {grid}")
+        return "finished"
+
+    def log_perceptual(self) -> None:
+        for message in self.perceptual.warnings:  # on every start, and in the ledger
+            self.log(f"WARNING: {message}")
+            self.metrics.event("warning", message=message, step=self.state.step)
+        if self.perceptual:
+            res = self.m.stages[self.state.stage].resolution
+            flops = forward_flops(self.m.losses, res)
+            self.log(f"perceptual losses (forward FLOPs per image for {res} px images; a step runs ~3x): " + ", ".join(
+                f"{k} {getattr(self.m.losses, k).net} weight {self.perceptual.weight(k):g} "
+                f"{flops[k] / 1e9:.2f} GFLOP" for k in self.perceptual.terms))
+
+    def resplit_stages(self, now: float | None = None) -> None:
+        """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not
+        fit the budget (rank 0 decides; every rank takes its answer)."""
+        ends = self.clock.resplit(self.schedule.ends, self.state.step, now) if self.env.is_main else None
+        ends = distributed.broadcast_object(ends)
+        if ends is None or tuple(ends) == self.schedule.ends:
+            return
+        self.metrics.event("schedule_change", step=self.state.step, ends=list(ends), previous=list(self.schedule.ends))
+        self.log(f"budget.policy finish_stages: stage ends {list(self.schedule.ends)} -> {list(ends)} to fit the budget")
+        self.schedule = StageSchedule(tuple(ends))
+        self.state.stage_ends = list(ends)
 
 
 def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:

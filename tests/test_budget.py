@@ -7,7 +7,8 @@ import pytest
 from launcher.cli import main as launch_main
 from pixeldiff import checkpoint
 from pixeldiff.config import BudgetConfig
-from pixeldiff.budget import Limits, billed_gpu_seconds, margin_s
+from pixeldiff.billing import billed_gpu_seconds
+from pixeldiff.budget import JobClock, Limits, margin_s
 from pixeldiff.ledger import read_jsonl
 
 
@@ -108,9 +109,9 @@ def test_finish_stages_shrinks_the_remaining_stages_from_the_measured_speed(writ
                                                    for k in range(100, 2001, 100)))
     tr = Trainer(run_dir, log=lambda s: None)
     tr.state.step = 2000
-    past = read_jsonl(run_dir / "ledger.jsonl")
-    tr.limits = Limits.from_run(tr.m.budget, past, gpus=1, environ={})
-    tr.billed_before, tr.segment_t0 = billed_gpu_seconds(past), t0 + 500
+    # this job started at t0 + 500 (the fake clock); the clock reads the ledger and metrics as the job would
+    tr.clock = JobClock(tr.m, read_jsonl(run_dir / "ledger.jsonl"), read_jsonl(run_dir / "metrics.jsonl"), gpus=1,
+                        start=t0 + 500, under_slurm=False, environ={})
     tr.resplit_stages(now=t0 + 510)  # this job started 10 s ago: 590 GPU-s left, 10 s + the margin per job
     ends = tr.schedule.ends
     assert ends[0] > 2000 and ends[1] > ends[0]  # both stages still run

@@ -14,7 +14,7 @@ from launcher.cli import main as launch_main, prepare_run_dir
 from launcher.manifest import load_manifest
 from pixeldiff import checkpoint
 from pixeldiff.ledger import read_jsonl
-from pixeldiff.shards import s3_options
+from pixeldiff.storage import s3_options
 from s3server import create_bucket, list_keys
 
 

@@ -7,7 +7,7 @@ from pixeldiff.distributed import DistEnv, env_from, first_host, port_for_job
 
 @pytest.mark.parametrize("nodelist, first", [
     ("node1", "node1"), ("node[1-4]", "node1"), ("gpu[03-05,9],cpu1", "gpu03"), ("a-b-[007,010]", "a-b-007"),
-    ("host.example.com", "host.example.com"),
+    ("host.example.com", "host.example.com"), ("node[01-04]-ib", "node01-ib"), ("rack[1-2]-n[3-4]", "rack1-n3"),
 ])
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
@@ -180,7 +180,7 @@ def test_sigterm_to_every_fsdp_rank_saves_to_s3_and_resumes_in_one_process(write
     import random
     import uuid
 
-    from pixeldiff.shards import s3_options
+    from pixeldiff.storage import s3_options
     from s3server import create_bucket
 
     bucket = f"fsdp-{uuid.uuid4().hex[:8]}"

@@ -12,9 +12,9 @@ from launcher.cli import main as launch_main
 from pixeldiff import checkpoint
 from pixeldiff.config import ConfigError, DinoLossConfig, LossesConfig, LpipsLossConfig
 from pixeldiff.ledger import read_jsonl
-from pixeldiff.perceptual import (DinoLoss, LpipsLoss, PerceptualLosses, build_loss, cached_name, forward_flops,
-                                  lpips_backbone_map)
-from pixeldiff.shards import s3_options
+from pixeldiff.perceptual import DinoLoss, LpipsLoss, PerceptualLosses, build_loss, forward_flops, lpips_backbone_map
+from pixeldiff.weights import cached_name
+from pixeldiff.storage import s3_options
 from s3server import create_bucket, s3_client
 
 TINY_VIT = "vit_tiny_patch16_224"  # a small timm ViT standing in for DINOv2 on the CPU
@@ -331,7 +331,7 @@ def test_eight_processes_starting_together_fetch_the_weights_once(s3_endpoint, t
     create_bucket(s3_endpoint, "weights8")
     (tmp_path / "w.pth").write_bytes(b"x" * 3_000_000)
     s3_client(s3_endpoint).upload_file(str(tmp_path / "w.pth"), "weights8", "w.pth")
-    code = ("import sys; from pixeldiff.perceptual import fetch_weights; from pixeldiff.shards import s3_options; "
+    code = ("import sys; from pixeldiff.weights import fetch_weights; from pixeldiff.storage import s3_options; "
             "p = fetch_weights('s3://weights8/w.pth', 'k', s3_options(sys.argv[1], None, False), "
             "log=lambda m: print('FETCH', m)); print('SIZE', p.stat().st_size)")
     env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "PIXELDIFF_CACHE": str(tmp_path / "cache")}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pixeldiff.budget import billed_gpu_seconds
+from pixeldiff.billing import billed_gpu_seconds
 from pixeldiff.ledger import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

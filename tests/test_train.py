@@ -39,7 +39,7 @@ def assert_same_state(a: dict, b: dict):
         for k in sa[i]:
             assert torch.equal(sa[i][k], sb[i][k]), f"optimizer state {i}.{k} differs"
     assert a["train_state"]["step"] == b["train_state"]["step"]
-    assert a["train_state"]["samples_seen"] == b["train_state"]["samples_seen"]
+    assert a["train_state"]["data"] == b["train_state"]["data"]
 
 
 def test_two_fresh_runs_log_identical_losses_and_switch_stage(write_manifest, tmp_path):
@@ -92,9 +92,10 @@ def start_and_interrupt(manifest: Path, runs: Path, stop_at: int, how: str) -> d
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stdout.read()
-    if how == "SIGINT-to-group":  # what Ctrl-C in a terminal does
-        os.killpg(proc.pid, signal.SIGINT)
-        expected = 128 + signal.SIGINT
+    if how.endswith("-to-group"):  # SIGINT: what Ctrl-C in a terminal does; SIGTERM: what Slurm does to a step
+        sig = signal.Signals[how.removesuffix("-to-group")]
+        os.killpg(proc.pid, sig)  # the DataLoader's workers too
+        expected = 128 + sig
     else:
         proc.send_signal(signal.SIGTERM)
         if how == "SIGTERM-twice":
@@ -114,6 +115,7 @@ def resume_and_compare(manifest: Path, tmp_path: Path, stopped: dict):
     """Run the same command again; it must end with the weights and losses of an uninterrupted run."""
     name = manifest.stem
     again = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "cut"))
+    assert "Traceback" not in again.stdout + again.stderr
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in again.stdout and f"at step {stopped['step']}" in again.stdout
     assert run_local(manifest, tmp_path / "whole") == 0
@@ -232,3 +234,4 @@ def test_compiled_training_logs_the_losses_of_eager_training(write_manifest, tmp
     eager = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "tiny" / "metrics.jsonl")]
     compiled = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "tiny" / "metrics.jsonl")]
     assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-3)
+

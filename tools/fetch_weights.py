@@ -196,7 +196,7 @@ def fetch_dino(args, out: Path) -> Path:
 def upload(path: Path, args) -> str:
     import fsspec
 
-    from pixeldiff.shards import s3_options
+    from pixeldiff.storage import s3_options
 
     url = f"{args.upload}/{path.name}"
     fs, key = fsspec.core.url_to_fs(url, **s3_options(args.endpoint_url, args.profile, False))

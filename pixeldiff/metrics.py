@@ -1,0 +1,92 @@
+"""What the job reports while it trains: the metrics record of each logging interval, the ledger's
+events and heartbeats, and the sinks records go to.
+
+A step's loss parts and gradient norm stay on the device as tensors; they are reduced over ranks
+and read by the host once per `logging.metrics_interval`, in one collective. Rank 0 writes; the
+other ranks only take part in the reduction. A sink is anything with `write(record)` and
+`close()`: `metrics.jsonl` is one, and tracking adapters (TensorBoard, W&B) plug in beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from pixeldiff import distributed
+from pixeldiff.ledger import append_event
+
+HEARTBEAT_S = 60.0
+
+
+class Sink(Protocol):
+    def write(self, record: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON line per record, appended (`metrics.jsonl`)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, is_main: bool, device: torch.device, interval: int, log=print,
+                 sinks: list[Sink] | None = None):
+        self.run_dir, self.is_main, self.device, self.interval = Path(run_dir), is_main, device, interval
+        self.log = log
+        self.sinks = sinks if sinks is not None else ([JsonlSink(self.run_dir / "metrics.jsonl")] if is_main else [])
+        self._window_t, self._window_img = time.perf_counter(), 0
+        self._last_heartbeat = time.time()
+
+    def start(self) -> None:
+        """The loop begins: the first throughput window and heartbeat interval start now."""
+        self._window_t, self._window_img = time.perf_counter(), 0
+        self._last_heartbeat = time.time()
+
+    def event(self, kind: str, **fields) -> None:
+        """A ledger event (rank 0 writes it)."""
+        if self.is_main:
+            append_event(self.run_dir / "ledger.jsonl", kind, **fields)
+
+    def heartbeat(self, step: int) -> None:
+        if time.time() - self._last_heartbeat > HEARTBEAT_S:
+            self.event("heartbeat", step=step)
+            self._last_heartbeat = time.time()
+
+    def step(self, step: int, stage, out: dict, step_t0: float, extra=dict) -> dict | None:
+        """After optimizer step `step` (all ranks). `out`: the step's "loss" (float64 tensor), "parts" (name ->
+        tensor), "grad_norm" (tensor) and "lr"; `extra()`: more fields (e.g. the data's bad-sample counts). At the
+        end of a logging interval -> the record written, else None."""
+        self._window_img += stage.global_batch
+        if step % self.interval:
+            return None
+        dt = time.perf_counter() - self._window_t
+        names = list(out["parts"])
+        values = torch.stack([out["loss"], *(v.double() for v in out["parts"].values())])
+        loss, *parts = distributed.all_mean(values)
+        rec = {"step": step, "stage": stage.name, "resolution": stage.resolution, "loss": round(loss, 6),
+               **{f"loss_{k}": round(v, 6) for k, v in zip(names, parts)},
+               "img_per_s": round(self._window_img / dt, 2), "step_time": round(time.perf_counter() - step_t0, 4),
+               "lr": out["lr"], "grad_norm": round(out["grad_norm"].item(), 4), "time": time.time(), **extra()}
+        if self.is_main:
+            for sink in self.sinks:
+                sink.write(rec)
+            self.log(json.dumps(rec))
+        self._window_t, self._window_img = time.perf_counter(), 0
+        return rec
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

@@ -1,0 +1,69 @@
+"""Data parallelism for the single-device model: the one place it is wrapped (DDP or FSDP2, then
+compile), the switch that turns the gradient reduction off between accumulated micro-batches,
+and gradient clipping that also works on sharded gradients.
+
+The model code never knows it runs on many ranks; `parallelize` returns what the loop calls.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from pixeldiff import distributed
+from pixeldiff.config import ClusterConfig
+from pixeldiff.ema import EMA
+
+
+@dataclass
+class Parallel:
+    net: torch.nn.Module  # what the loop calls: the model, wrapped and/or compiled
+    model: torch.nn.Module  # the single-device module (FSDP2 shards it in place): parameters, state dicts
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    fsdp: bool = False
+
+    def reduce_gradients(self, enabled: bool):
+        """Context for one micro-batch's backward: `enabled=False` keeps its gradients local (accumulated on this
+        rank); the last micro-batch of a step runs with `enabled=True` and reduces the sum over ranks."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(enabled)
+            return nullcontext()
+        return nullcontext() if enabled or self.ddp is None else self.ddp.no_sync()
+
+
+def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_size: int,
+                device: torch.device) -> Parallel:
+    """Wrap `model` for `world_size` ranks as `cluster.parallel` says (FSDP2 shards each block, then the rest,
+    and the EMA alike), then compile when `cluster.compile`."""
+    ddp, fsdp = None, False
+    if world_size > 1 and cluster.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = distributed.device_mesh(device)
+        for block in model.blocks:  # each block's parameters are gathered just before it runs
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the rest: embeddings, final layer
+        ema.shard_like(model)
+        fsdp = True
+    elif world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = ddp or model
+    if cluster.compile:
+        net = torch.compile(net)
+    return Parallel(net, model, ddp, fsdp)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` (inf: measure only). -> the norm before clipping, a 0-d tensor on
+    the device (also with sharded DTensor gradients, whose partial norms are reduced over ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm

@@ -1,0 +1,137 @@
+"""Weights files of the frozen networks, without torch: where a manifest's `weights` value points (a local
+path or an s3:// URL, fetched once per node into a cache), and the checks `plan` and `run` make before
+anything starts.
+
+A remote file is fetched into $PIXELDIFF_CACHE (default ~/.cache/pixeldiff/weights), under a file lock,
+to a temporary name then renamed, so eight ranks starting together download it once. Loading the file
+(torch.load, weights_only) is `pixeldiff.perceptual`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+from pixeldiff.config import ConfigError, Manifest
+
+
+def cache_dir() -> Path:
+    """Where remote weights are cached on this node: $PIXELDIFF_CACHE, else ~/.cache/pixeldiff/weights."""
+    env = os.environ.get("PIXELDIFF_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pixeldiff" / "weights"
+
+
+def cached_name(url: str) -> str:
+    """The cache file name of a URL: a hash of the whole URL (different buckets never collide) + its base name."""
+    base = url.rstrip("/").rsplit("/", 1)[-1] or "weights"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
+
+
+def _local_path(spec: str) -> Path:
+    return Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+
+
+def fetch_weights(url: str, key: str, storage_options: dict | None = None, cache: Path | None = None,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """-> a local file holding `url` (s3://). Downloads once per cache directory; ConfigError if it does not exist.
+
+    The cache is trusted: a file present there is used without asking S3 again (a new version
+    of the weights needs a new URL, or deleting the cached file). `key` names the manifest field
+    in error messages.
+    """
+    import fsspec
+
+    root = Path(cache) if cache is not None else cache_dir()
+    dest = root / cached_name(url)
+    if dest.is_file():
+        return dest
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create the weights cache {root} ({e}); set PIXELDIFF_CACHE to a writable directory") from None
+    with open(root / f".{dest.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other ranks of this node wait here, then find the file
+        try:
+            if dest.is_file():
+                return dest
+            fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            try:
+                size = fs.info(path)["size"]
+            except FileNotFoundError:
+                raise ConfigError(f"{key}: {url} does not exist; upload it (tools/fetch_weights.py --upload) "
+                                  f"or fix the URL") from None
+            except Exception as e:  # credentials, endpoint, permissions: all need the user
+                raise ConfigError(f"{key}: cannot read {url} ({type(e).__name__}: {e}); check the URL, "
+                                  f"data.s3 settings and credentials") from None
+            if log:
+                log(f"{key}: fetching {url} ({size / 2**20:.1f} MiB) into {dest}")
+            tmp = root / f".{dest.name}.{os.getpid()}.tmp"
+            try:
+                fs.get_file(path, str(tmp))
+                got = tmp.stat().st_size
+                if got != size:
+                    raise ConfigError(f"{key}: downloaded {got} bytes of {url}, expected {size}; run again")
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, dest)
+                dir_fd = os.open(root, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise ConfigError(f"{key}: downloading {url} failed ({type(e).__name__}: {e})") from None
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return dest
+
+
+def resolve_weights(spec: str, key: str, storage_options: dict | None = None, log=None) -> Path:
+    """A manifest `weights` value -> an existing local file (fetching s3:// into the cache)."""
+    if spec.startswith("s3://"):
+        return fetch_weights(spec, key, storage_options, log=log)
+    path = _local_path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{key}: no such file {str(path)!r}"
+                          f"{' (relative to ' + os.getcwd() + ')' if not path.is_absolute() else ''}; "
+                          f"fetch it with tools/fetch_weights.py, or set it to null for random weights (not for real runs)")
+    return path
+
+
+def random_init_warning(name: str, cfg) -> str:
+    what = f"{cfg.net} backbone" if name == "lpips" else f"{cfg.net} network"
+    return (f"losses.{name}: weight {cfg.weight:g} but no weights file (losses.{name}.weights is null): the frozen "
+            f"{what} is RANDOMLY initialised, so this loss is not the perceptual loss of the recipe; "
+            f"fetch the weights with tools/fetch_weights.py and set losses.{name}.weights")
+
+
+def preflight(m: Manifest) -> list[str]:
+    """Checks that need no network, for `plan` and `run` before anything starts: local weights files exist and the
+    DINO model name is known. s3:// files are checked when the job starts. -> warnings (random init)."""
+    out = []
+    for name in ("lpips", "dino"):
+        cfg = getattr(m.losses, name)
+        if cfg.weight <= 0:
+            continue
+        if cfg.weights is None:
+            out.append(random_init_warning(name, cfg))
+        elif not cfg.weights.startswith("s3://"):
+            resolve_weights(cfg.weights, f"losses.{name}.weights")
+    if m.losses.dino.weight > 0:
+        import timm
+
+        if not timm.is_model(m.losses.dino.net):
+            raise ConfigError(f"losses.dino.net: {m.losses.dino.net!r} is not a timm model name "
+                              f"(e.g. vit_base_patch14_reg4_dinov2)")
+    return out
+
+

@@ -1,0 +1,124 @@
+"""The trainer's parts on their own: EMA, gradient clipping, the synthetic batch source, the metrics logger, and the
+checkpoint manager's named parts."""
+
+import json
+
+import pytest
+import torch
+
+from pixeldiff import checkpoint
+from pixeldiff.config import StageConfig
+from pixeldiff.data import SyntheticSource
+from pixeldiff.ema import EMA
+from pixeldiff.metrics import MetricsLogger
+from pixeldiff.parallel import clip_gradients
+
+
+def test_ema_moves_towards_the_model_every_n_steps():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.75, every=2)
+    before = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1)  # not an EMA step
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.module.parameters()))
+    ema.update(model, step=2)
+    for old, new, live in zip(before, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(new, old + 0.25 * (live - old), rtol=0, atol=1e-7)
+        assert not new.requires_grad
+    assert ema.gathered(True, lambda: None, torch.device("cpu")) is ema.module
+    assert ema.gathered(False, lambda: None, torch.device("cpu")) is None
+
+
+def test_clip_gradients_returns_the_norm_before_clipping_on_the_device():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    norm = clip_gradients([p], 1.0)
+    assert isinstance(norm, torch.Tensor) and norm.item() == pytest.approx(5.0)
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    q = torch.nn.Parameter(torch.zeros(2))
+    q.grad = torch.tensor([3.0, 4.0])
+    assert clip_gradients([q], float("inf")).item() == pytest.approx(5.0) and q.grad.tolist() == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("world, accum", [(1, 4), (2, 2), (4, 1)])
+def test_synthetic_source_gives_every_world_size_the_same_global_batch(world, accum):
+    """Micro-batch k of a step's global batch is the same samples whichever rank (or accumulation step) runs it."""
+    micro = 2
+    sources = [SyntheticSource(seed=3, rank=r, world=world) for r in range(world)]
+    its = [s.batches(8, micro, accum) for s in sources]
+    got = []
+    for _step in range(2):
+        captions = []
+        for it in its:
+            for _ in range(accum):
+                captions += next(it)["caption"]
+        got.append(captions)
+    one = SyntheticSource(seed=3)
+    expect = [one.shapes.batch(s * 8, 8, 8)[1] for s in range(2)]
+    assert got == expect
+    assert all(s.state_dict() == {"samples": 16} for s in sources)
+    resumed = SyntheticSource(seed=3, rank=0, world=world)
+    resumed.load_state_dict({"samples": 8})
+    assert next(resumed.batches(8, micro, accum))["caption"] == expect[1][:micro]
+
+
+def test_metrics_logger_writes_one_reduced_record_per_interval(tmp_path):
+    lines = []
+    log = MetricsLogger(tmp_path, True, torch.device("cpu"), interval=2, log=lines.append)
+    log.start()
+    stage = StageConfig(name="16px", resolution=16, global_batch=8, steps=10)
+    for step in (1, 2):
+        out = {"loss": torch.tensor(0.5, dtype=torch.float64) * step, "lr": 1e-3, "grad_norm": torch.tensor(2.0),
+               "parts": {"mse": torch.tensor(0.25) * step}}
+        rec = log.step(step, stage, out, 0.0, extra=lambda: {"bad_samples": {}})
+        assert (rec is None) == (step == 1)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(recs) == 1 and recs[0]["step"] == 2 and recs[0]["loss"] == 1.0 and recs[0]["loss_mse"] == 0.5
+    assert recs[0]["grad_norm"] == 2.0 and recs[0]["bad_samples"] == {} and json.loads(lines[0]) == recs[0]
+    silent = MetricsLogger(tmp_path / "other", False, torch.device("cpu"), interval=1)
+    silent.step(1, stage, out, 0.0)
+    silent.event("heartbeat", step=1)
+    assert not (tmp_path / "other").exists()  # only rank 0 writes
+
+
+def test_checkpoint_manager_saves_and_restores_its_named_parts(tmp_path):
+    class Train:
+        def __init__(self):
+            self.step = 0
+
+        def state_dict(self):
+            return {"step": self.step}
+
+        def load_state_dict(self, s):
+            self.step = s["step"]
+
+    def make():
+        torch.manual_seed(len(made))
+        model = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        made.append(model)
+        data, train, saved = SyntheticSource(0), Train(), []
+        mgr = checkpoint.CheckpointManager(
+            tmp_path / "ckpt", keep=2, async_save=True, rank=0, world=1,
+            sharded={"model": checkpoint.ModelState(model), "optimizer": checkpoint.ModelState(model, opt)},
+            train=train, data=data, files=lambda: {"note.txt": b"hi"}, on_saved=saved.append, log=lambda s: None)
+        return model, opt, data, train, saved, mgr
+
+    made = []
+    model, opt, data, train, saved, mgr = make()
+    assert mgr.restore() is None
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    train.step, data.samples = 7, 56
+    mgr.save(7)  # in the background
+    mgr.save(7, final=True)  # the same step: not written again, but waited for
+    mgr.close()
+    assert [r["step"] for r in saved] == [7] and (tmp_path / "ckpt" / "step-00000007" / "note.txt").read_bytes() == b"hi"
+
+    model2, opt2, data2, train2, _, mgr2 = make()
+    assert not torch.equal(model2.weight, model.weight)
+    assert mgr2.restore().endswith("step-00000007")
+    assert torch.equal(model2.weight, model.weight) and train2.step == 7 and data2.samples == 56
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
