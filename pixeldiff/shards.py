@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import random
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -406,6 +407,17 @@ def merge_data_states(states: list[dict], own: dict, same_world: bool, rank: int
     return out
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores the signals that stop a job: Slurm (scancel, preemption, the time limit's USR2) and
+    Ctrl-C signal every process of a step or a terminal's process group, workers included, and a worker that died
+    of one would fail the main process mid-step. The main process decides; its loader stops the workers."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 
@@ -482,7 +494,8 @@ class ShardSource:
                           text_dim=self.text_cfg.dim)
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
                           self.storage_options, rotate=self.batches_seen % max(1, self.workers))
-        kw = dict(num_workers=self.workers, prefetch_factor=c.prefetch, persistent_workers=False) if self.workers else {}
+        kw = dict(num_workers=self.workers, prefetch_factor=c.prefetch, persistent_workers=False,
+                  worker_init_fn=ignore_stop_signals) if self.workers else {}
         loader = torch.utils.data.DataLoader(ds, batch_size=None, pin_memory=self.pin_memory, **kw)
         self.bad_base = self.bad_samples()  # fold the previous loader's worker counts in
         self.bad_live = {}

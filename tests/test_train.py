@@ -235,3 +235,18 @@ def test_compiled_training_logs_the_losses_of_eager_training(write_manifest, tmp
     compiled = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "tiny" / "metrics.jsonl")]
     assert len(compiled) == 4 and compiled == pytest.approx(eager, rel=1e-3)
 
+
+def test_shard_run_signalled_as_a_process_group_resumes_bit_identical(write_manifest, tmp_path):
+    """Slurm signals every process of a step, DataLoader workers included: SIGTERM and then SIGINT to the whole
+    process group of a run fed by 2 workers each stop it at a step boundary with a complete checkpoint and the
+    signal's exit status; the resumed run ends bit-identical to an uninterrupted one."""
+    write_shards(tmp_path / "shards", n_shards=6, per_shard=10)
+    data = {"source": "webdataset", "shards": str(tmp_path / "shards" / "train-{000..005}.tar"), "workers": 2,
+            "text": {"max_tokens": 8, "dim": 16}}
+    manifest = write_manifest(name="groupsig", steps=(60, 20), data=data)
+    rng = random.Random(12)
+    first = start_and_interrupt(manifest, tmp_path / "cut", rng.randint(5, 25), "SIGTERM-to-group")
+    assert first["reason"] == "signal SIGTERM"
+    second = start_and_interrupt(manifest, tmp_path / "cut", rng.randint(first["step"] + 3, 70), "SIGINT-to-group")
+    assert second["reason"] == "signal SIGINT" and second["step"] > first["step"]
+    resume_and_compare(manifest, tmp_path, second)
