@@ -27,6 +27,9 @@ from launcher.plan import format_plan, make_plan
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 
 
+CANCEL_GONE_S = 30.0  # how long `cancel` waits for its cancelled jobs to leave squeue
+
+
 class UsageError(Exception):
     """A user mistake outside the manifest (paths, a busy run directory)."""
 
@@ -235,6 +238,14 @@ def cmd_cancel(args) -> int:
             slurm.cancel(job_id)
         except SlurmError as e:
             print(f"job {job_id}: scancel failed ({e}); check with squeue")
+    gone_by = time.time() + CANCEL_GONE_S  # scancel returns while the jobs are still COMPLETING: wait until squeue
+    while time.time() < gone_by:          # no longer lists them, so that `status` right after says cancelled
+        try:
+            if not slurm.queue([*active, *late]):
+                break
+        except SlurmError:
+            break
+        time.sleep(0.5)
     ends = [e for e in events_of(run_dir) if e["event"] == "segment_end" and e["time"] >= t0]
     print(f"cancelled job(s) {', '.join(sorted([*active, *late]))}"
           + (f"; final checkpoint at step {ends[-1]['step']}" if ends and "failed" not in ends[-1]["reason"] else ""))
