@@ -43,6 +43,10 @@ class ClusterConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2, weights/grads/optimizer sharded
     compile: bool = False  # torch.compile the model (1.7x on an H200 at 512 px; minutes of compile at start)
+    # collectives time out: generously while a job starts (restore, compile, a stage's first step), then quickly,
+    # so a dead rank stops the others in bounded time (PIXELDIFF_COLLECTIVE_TIMEOUT_S overrides both)
+    startup_timeout_s: float = 1800.0
+    collective_timeout_s: float = 300.0
     # Slurm job control (the launcher)
     cpus_per_task: int = 0  # 0 = the partition's default
     exclude: list[str] = field(default_factory=list)  # nodes never to use, e.g. ["gpu-a07"]
@@ -317,6 +321,9 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"cluster: nodes and gpus_per_node must be >= 1, got {c.nodes} and {c.gpus_per_node}")
     if c.max_job_hours <= 0:
         raise ConfigError(f"cluster.max_job_hours: must be > 0, got {c.max_job_hours}")
+    for key in ("startup_timeout_s", "collective_timeout_s"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"cluster.{key}: must be > 0 seconds, got {getattr(c, key)}")
     for key in ("cpus_per_task", "signal_lead_s", "max_timeouts", "max_preemptions", "max_failures"):
         if getattr(c, key) < 0:
             raise ConfigError(f"cluster.{key}: must be >= 0, got {getattr(c, key)}")

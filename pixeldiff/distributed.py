@@ -4,10 +4,12 @@ Recognised launchers, in order:
 - torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
 - Slurm (srun, one task per GPU): SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is
   the first host of SLURM_JOB_NODELIST and the port is derived from SLURM_JOB_ID, so it is
-  the same after a requeue (the job id is kept) and differs between jobs sharing a node;
+  the same after a requeue (the job id is kept) and differs between jobs sharing a node
+  (`port_for_job`; PIXELDIFF_MASTER_PORT overrides);
 - otherwise one process.
-NCCL on GPUs, gloo on the CPU. Collectives time out (`timeout_s`), so a rank that dies
-makes the others fail in bounded time instead of hanging until the Slurm limit.
+NCCL on GPUs, gloo on the CPU; a task's GPU is its local rank, or 0 when it sees only one
+(`pick_device`). Collectives time out (`set_timeout`: long while a job starts, short after),
+so a rank that dies makes the others fail in bounded time instead of hanging.
 
 Besides the default group, `init` makes a second, gloo group for checkpoint writes
 (`checkpoint_group()`): a checkpoint written in a background thread runs its collectives
@@ -49,8 +51,38 @@ def first_host(nodelist: str) -> str:
     return hosts[0]
 
 
-def port_for_job(job_id: str) -> int:
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+PORT_BASE, PORT_SPAN = 20000, 12000  # 20000-31999: below Linux's ephemeral range (32768-60999)
+
+
+def port_for_job(job_id: str, environ=os.environ) -> int:
+    """The rendezvous port of a Slurm job: PIXELDIFF_MASTER_PORT if set, else one derived from the job id (the same
+    after a requeue, which keeps the id; different for jobs that run at the same time unless their ids are 12000
+    apart), outside the ephemeral range, so no outgoing connection on the node can hold it already."""
+    if environ.get("PIXELDIFF_MASTER_PORT"):
+        return int(environ["PIXELDIFF_MASTER_PORT"])
+    return PORT_BASE + int(re.sub(r"\D", "", job_id) or 0) % PORT_SPAN
+
+
+def local_device_index(local_rank: int, visible_gpus: int) -> int:
+    """The CUDA device of a task: its local rank when it sees all of the node's GPUs, 0 when the site binds one GPU
+    per task (it sees exactly one)."""
+    if visible_gpus == 1:
+        return 0
+    if local_rank >= visible_gpus:
+        raise RuntimeError(f"local rank {local_rank} but this task sees {visible_gpus} GPU(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                           f"give each task one GPU, or all of the node's")
+    return local_rank
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """cluster.device ('auto', 'cpu', 'cuda') -> this rank's device; on CUDA also made the current device, before
+    anything else touches CUDA (NCCL and every `.cuda()` then use the right GPU)."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    index = local_device_index(env.local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def env_from(environ=os.environ) -> DistEnv:
@@ -60,7 +92,7 @@ def env_from(environ=os.environ) -> DistEnv:
     if int(environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in environ:
         nodes = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or "127.0.0.1"
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
-                       first_host(nodes), port_for_job(environ.get("SLURM_JOB_ID", "0")), "slurm")
+                       first_host(nodes), port_for_job(environ.get("SLURM_JOB_ID", "0"), environ), "slurm")
     return DistEnv()
 
 
@@ -78,6 +110,13 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
 
 
 _checkpoint_group = None
+
+
+def set_timeout(seconds: float) -> None:
+    """How long a training collective may wait: long while a job starts or ends, short in steady state. The
+    checkpoint group keeps its start-up timeout: a save waits for the slowest rank's write."""
+    if dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=seconds))
 
 
 def checkpoint_group():

@@ -89,25 +89,37 @@ def code_version() -> str:
     return "unknown"
 
 
-def lock_run(run_dir: Path):
-    """Hold an exclusive lock on the run directory for the life of the job; RunLocked if taken."""
+LOCK_WAIT_S = 180.0  # a Slurm job waits this long for a lock a dead node's job may still hold
+
+
+def lock_run(run_dir: Path, wait_s: float = 0.0, poll_s: float = 2.0, log=print):
+    """Hold an exclusive lock on the run directory for the life of the job; RunLocked if it stays taken for `wait_s`.
+
+    A job requeued onto other nodes can find the lock still held by the dead node's job: network file systems keep a
+    lock until its lease expires (tens of seconds to minutes), so a Slurm job retries before giving up."""
     f = open(run_dir / "run.lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise RunLocked(f"run {run_dir} is already running ({f.read().strip() or 'another process'})") from None
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            if time.monotonic() >= deadline:
+                f.close()
+                waited = f" (waited {wait_s:.0f} s for it)" if wait_s else ""
+                raise RunLocked(f"run {run_dir} is already running ({holder}){waited}") from None
+            if not said:
+                log(f"run.lock is held ({holder}); waiting up to {wait_s:.0f} s: a lock of a dead node's job lasts "
+                    f"until the file system's lease expires")
+                said = True
+            time.sleep(poll_s)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
-
-
-def pick_device(m: Manifest, env: distributed.DistEnv) -> torch.device:
-    if m.cluster.device == "cuda" or (m.cluster.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
 
 
 def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -140,6 +152,13 @@ def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> B
     return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda")
 
 
+def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
+    """(while starting or ending, in steady state) in seconds; PIXELDIFF_COLLECTIVE_TIMEOUT_S overrides both."""
+    if environ.get("PIXELDIFF_COLLECTIVE_TIMEOUT_S"):
+        return (float(environ["PIXELDIFF_COLLECTIVE_TIMEOUT_S"]),) * 2
+    return m.cluster.startup_timeout_s, m.cluster.collective_timeout_s
+
+
 def micro_layout(stage, world_size: int) -> tuple[int, int]:
     """-> (micro-batch size, micro-batches per step) of one rank: global batch = micro x ranks x accumulation."""
     per_rank = stage.global_batch // world_size
@@ -161,7 +180,7 @@ class Trainer:
                 raise ConfigError(f"stages[{i}].global_batch: {s.global_batch} cannot be split over {env.world_size} "
                                   f"ranks in micro-batches of {s.micro_batch}; use a multiple of {env.world_size} "
                                   f"x micro_batch")
-        self.device = pick_device(m, env)
+        self.device = distributed.pick_device(m.cluster.device, env)
         self.schedule = StageSchedule.from_manifest(m)
         self.encoder = make_text_encoder(m.data.text, self.device)
         if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
@@ -184,6 +203,7 @@ class Trainer:
         self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
         self.clock: JobClock | None = None  # made when the job starts (run)
+        self.timeouts = collective_timeouts(m)
         d = m.checkpoint.dir
         root = (d if checkpoint.is_remote(d) else Path(d)) if d else self.run_dir / "checkpoints"
         self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
@@ -293,11 +313,15 @@ class Trainer:
                 self.log(f"step {st.step}: stage {m.stages[st.stage].name} -> {m.stages[stage_idx].name}")
                 st.stage = stage_idx
             stage = m.stages[st.stage]
-            if layout != (stage.resolution, *micro_layout(stage, self.env.world_size)):
+            first = layout != (stage.resolution, *micro_layout(stage, self.env.world_size))
+            if first:  # a new stage: a new stream from the consumed position, and a first step that may compile
                 layout = (stage.resolution, *micro_layout(stage, self.env.world_size))
-                batches = self.data.batches(*layout)  # a new stage: a new stream from the consumed position
+                batches = self.data.batches(*layout)
+                distributed.set_timeout(self.timeouts[0])
             t0 = time.perf_counter()
             out = self.train_step(batches)
+            if first:
+                distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
             self.clock.observe_step(time.perf_counter() - t0)
             self.metrics.step(st.step, stage, out, t0, self.data.stats)
             self.metrics.heartbeat(st.step)
@@ -338,6 +362,7 @@ class Trainer:
             last = self.env.is_main and not self.clock.next_job_affordable()
             if distributed.agree_max(int(last), self.device):
                 self.stop_code = BUDGET_STOP
+        distributed.set_timeout(self.timeouts[0])  # the final save and grid may wait for the slowest rank
         self.ckpt.save(st.step, final=True)  # complete, marker written, before anything else: a deadline may be near
         self.ckpt.close()
         reason = self.finish()
@@ -395,11 +420,13 @@ def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:
     kill the process with its checkpoint already complete."""
     run_dir = Path(run_dir)
     env = distributed.env_from()
-    lock = lock_run(run_dir) if env.is_main else None
+    wait = float(os.environ.get("PIXELDIFF_LOCK_WAIT_S", LOCK_WAIT_S)) if os.environ.get("SLURM_JOB_ID") else 0.0
+    lock = lock_run(run_dir, wait_s=wait, log=log) if env.is_main else None
     stop = StopFlag().install()
     try:
-        device = pick_device(load_resolved(run_dir / "manifest.yaml"), env)
-        distributed.init(env, device, timeout_s=float(os.environ.get("PIXELDIFF_COLLECTIVE_TIMEOUT_S", 600)))
+        m = load_resolved(run_dir / "manifest.yaml")
+        device = distributed.pick_device(m.cluster.device, env)
+        distributed.init(env, device, timeout_s=collective_timeouts(m)[0])
         return Trainer(run_dir, env, log=log).run(stop)
     finally:
         if restore_signals:

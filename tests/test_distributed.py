@@ -19,7 +19,7 @@ def test_env_from_torchrun_slurm_and_single():
     sl = env_from({"SLURM_PROCID": "9", "SLURM_NTASKS": "32", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-10]",
                    "SLURM_JOB_ID": "4242"})
     assert (sl.rank, sl.world_size, sl.local_rank, sl.master_addr, sl.launcher) == (9, 32, 1, "gpu07", "slurm")
-    assert sl.master_port == port_for_job("4242") and 20000 <= sl.master_port < 40000
+    assert sl.master_port == port_for_job("4242", {}) and 20000 <= sl.master_port < 32768
     assert port_for_job("4242") != port_for_job("4243")  # two jobs sharing a node do not collide
     assert env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == DistEnv()  # a one-task job: single process
     assert env_from({}).is_main and env_from({}).world_size == 1
@@ -208,3 +208,28 @@ def test_sigterm_to_every_fsdp_rank_saves_to_s3_and_resumes_in_one_process(write
     assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if r["step"] > end["step"]] == list(range(end["step"] + 1, 161))
+
+
+@pytest.mark.parametrize("local_rank, visible, index", [(3, 8, 3), (0, 8, 0), (5, 1, 0), (0, 1, 0), (7, 8, 7)])
+def test_local_device_is_the_local_rank_or_the_only_gpu_a_task_sees(local_rank, visible, index):
+    from pixeldiff.distributed import local_device_index
+
+    assert local_device_index(local_rank, visible) == index
+
+
+def test_a_task_that_sees_too_few_gpus_is_told_how_to_fix_it():
+    from pixeldiff.distributed import local_device_index
+
+    with pytest.raises(RuntimeError, match="local rank 3 but this task sees 2 GPU"):
+        local_device_index(3, 2)
+
+
+def test_rendezvous_port_is_below_the_ephemeral_range_stable_per_job_and_overridable():
+    ports = {port_for_job(str(j), {}) for j in range(1, 3000)}
+    assert max(ports) < 32768 and min(ports) >= 1024 and len(ports) == 2999  # concurrent jobs do not collide
+    assert port_for_job("4242", {}) == port_for_job("4242", {})  # a requeued job keeps its id, so its port
+    assert port_for_job("4242_7", {}) != port_for_job("4243", {})
+    assert port_for_job("4242", {"PIXELDIFF_MASTER_PORT": "29999"}) == 29999
+    sl = env_from({"SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "rack[1-2]-n[1-2]",
+                   "SLURM_JOB_ID": "77", "PIXELDIFF_MASTER_PORT": "23456"})
+    assert (sl.master_addr, sl.master_port) == ("rack1-n1", 23456)

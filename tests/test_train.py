@@ -184,6 +184,27 @@ def test_a_running_run_is_not_started_twice(write_manifest, tmp_path):
     assert r.returncode == 2 and "already running" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_stale_lock_is_waited_for_then_refused_with_the_holder_named(tmp_path):
+    """A requeued job can find run.lock held by the dead node's job until the file system's lease expires: it retries
+    for `wait_s` instead of failing at once."""
+    from pixeldiff.train import RunLocked, lock_run
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from pixeldiff.train import lock_run; f = lock_run(__import__('pathlib').Path(sys.argv[2])); "
+                               "print('held', flush=True); time.sleep(float(sys.argv[3]))", str(REPO), str(tmp_path), "3"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0, said = time.monotonic(), []
+    with pytest.raises(RunLocked, match=r"already running \(pid \d+ on .*\) \(waited 1 s"):
+        lock_run(tmp_path, wait_s=1.0, poll_s=0.1, log=said.append)
+    assert said and "waiting up to 1 s" in said[0]
+    lock = lock_run(tmp_path, wait_s=30.0, poll_s=0.1, log=said.append)  # the holder lets go after 3 s
+    assert 1.5 < time.monotonic() - t0 < 20
+    assert (tmp_path / "run.lock").read_text().startswith(f"pid {os.getpid()} ")
+    lock.close()
+    holder.wait(timeout=10)
+
+
 def test_detached_run_finishes_in_the_background(write_manifest, tmp_path):
     manifest = write_manifest(steps=(5, 2))
     r = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path), "--detach")
