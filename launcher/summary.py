@@ -95,6 +95,8 @@ def describe(e: dict) -> str:
         return f"stages re-split to fit the budget at step {e.get('step')}: ends {e.get('ends')}"
     if k == "warning":
         return f"warning: {e.get('message')}"
+    if k == "samples_written":
+        return f"samples at step {e.get('step')} ({e.get('seconds', 0):.1f} s)"
     fields = ", ".join(f"{a}={b}" for a, b in e.items() if a not in skip)
     return f"{k.replace('_', ' ')}: {fields}" if fields else k
 

@@ -31,7 +31,7 @@ RATE_RECORDS = 10  # metrics records behind a stage's recent rate
 
 # what a job's trainer writes while it lives (the signs of life that close a segment that died without an end)
 SEGMENT_EVENTS = ("segment_start", "heartbeat", "checkpoint_saved", "stage_change", "schedule_change", "warning",
-                  "budget_stop", "segment_end")
+                  "samples_written", "budget_stop", "segment_end")
 
 
 # ------------------------------------------------------------------ segments

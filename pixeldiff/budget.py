@@ -36,8 +36,10 @@ def next_job_possible(seconds_left: float, job_s: float) -> bool:
     return seconds_left >= min(MIN_JOB_S, job_s)
 
 
-def margin_s(step_s: float, checkpoint_s: float, safety_s: float = 30.0) -> float:
-    return 2 * step_s + 1.5 * checkpoint_s + safety_s
+def margin_s(step_s: float, checkpoint_s: float, samples_s: float = 0.0, safety_s: float = 30.0) -> float:
+    """How early to stop: two more steps, the final checkpoint (1.5x the slowest save), the final sample grid (1.5x
+    its measured time) and a fixed safety."""
+    return 2 * step_s + 1.5 * checkpoint_s + 1.5 * samples_s + safety_s
 
 
 @dataclass
@@ -67,13 +69,14 @@ class Limits:
             ends.append(now + (self.gpu_seconds_cap - billed_so_far) / max(1, self.gpus))
         return min(ends) if ends else None
 
-    def check(self, now: float, billed_so_far: float, step_s: float, checkpoint_s: float) -> str | None:
+    def check(self, now: float, billed_so_far: float, step_s: float, checkpoint_s: float,
+              samples_s: float = 0.0) -> str | None:
         """-> 'deadline' (the job's end is near), 'budget' (a budget cap is near) or None.
 
         A job whose time limit was cut to the budget (the launcher rounds it down to whole minutes) ends less
         than `LAST_JOB_S` before the budget does, or leaves less than another job needs (`next_job_possible`): its
         deadline is the budget's, and says so."""
-        m = margin_s(step_s, checkpoint_s)
+        m = margin_s(step_s, checkpoint_s, samples_s)
         budget_end = self.budget_end(now, billed_so_far)
         if budget_end is not None and now + m >= budget_end:
             return "budget"
@@ -100,6 +103,7 @@ class JobClock:
             self.limits.next_job_s = self.job_s
         self.billed_before = billed_gpu_seconds(past)
         self.step_s, self.checkpoint_s = 0.0, 10.0  # 10 s until a save is measured
+        self.samples_s = max([e.get("seconds", 0.0) for e in past if e["event"] == "samples_written"][-5:], default=0.0)
         self._measured_save = False
         # start the margin from what earlier jobs measured, not from nothing: a job that starts with a few seconds
         # of budget left must see that it has none
@@ -113,6 +117,10 @@ class JobClock:
     def observe_step(self, seconds: float) -> None:
         self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
 
+    def observe_samples(self, seconds: float) -> None:
+        """A sample grid's time: the final one must fit in the margin too."""
+        self.samples_s = max(self.samples_s, seconds)
+
     def observe_save(self, write_s: float) -> None:
         """A finished save's write time (a final save is synchronous: it takes the whole write time)."""
         self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, write_s)
@@ -124,7 +132,16 @@ class JobClock:
     def stop_reason(self, now: float | None = None) -> str | None:
         """'deadline' or 'budget' when the job's end or the budget is within the margin, else None."""
         now = now or time.time()
-        return self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s)
+        return self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s,
+                                 self.samples_s or self.samples_estimate())
+
+    def samples_estimate(self) -> float:
+        """The final grid's time before one was measured: its forward passes (steps, x2 with guidance) over this
+        rank's share of the images, at a third of a training step per sample of the last stage's batch."""
+        lg, last = self.m.logging, self.m.stages[-1]
+        images = -(-len(lg.sample_prompts) * 4 // self.gpus)
+        passes = lg.sample_steps * (1 if lg.sample_cfg == 1.0 else 2)
+        return passes * images * self.step_s / (3 * max(1, last.global_batch // self.gpus))
 
     def next_job_affordable(self, now: float | None = None) -> bool:
         now = now or time.time()
@@ -134,7 +151,7 @@ class JobClock:
     def seconds_left(self, now: float, budget_end: float) -> float:
         """Training seconds before the budget ends: less this job's start-up (as measured) for each job still to
         come, and the stop margin."""
-        per_job = max(0.0, now - self.start) + margin_s(0.0, self.checkpoint_s)
+        per_job = max(0.0, now - self.start) + margin_s(0.0, self.checkpoint_s, self.samples_s)
         left = budget_end - now
         job_s = self.job_s if self.m.cluster.backend == "slurm" else left
         jobs = max(1, math.ceil(left / max(job_s, 1.0)))

@@ -115,7 +115,7 @@ _checkpoint_group = None
 def set_timeout(seconds: float) -> None:
     """How long a training collective may wait: long while a job starts or ends, short in steady state. The
     checkpoint group keeps its start-up timeout: a save waits for the slowest rank's write."""
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_backend() == "nccl":  # on gloo it aborted a rank at exit (torch 2.14)
         dist.set_timeout(timedelta(seconds=seconds))
 
 
@@ -165,6 +165,16 @@ def agree_max(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def gather_to_main(obj):
+    """Every rank's `obj` (small, picklable: e.g. a CPU tensor) as a list on rank 0, None elsewhere (the default group:
+    the checkpoint group may be busy with a background save)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:

@@ -52,16 +52,14 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state)
 
-    def gathered(self, is_main: bool, build: Callable[[], torch.nn.Module], device: torch.device):
-        """The EMA as one whole module on the main rank (None elsewhere). Sharded, every rank must call this: the
-        gather is a collective. `build` makes an empty single-device model to load the gathered weights into."""
+    def whole(self, build: Callable[[], torch.nn.Module], device: torch.device) -> torch.nn.Module:
+        """The EMA as one whole module on every rank (for sampling). Sharded, every rank must call this: the gather
+        is a collective. `build` makes an empty single-device model to load the gathered weights into."""
         if not self.sharded:
-            return self.module if is_main else None
+            return self.module
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not is_main:
-            return None
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
         whole = build()
         whole.load_state_dict(full)
         return whole.to(device)

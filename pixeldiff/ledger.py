@@ -13,6 +13,7 @@ written by rank 0 of a job (pixeldiff.train):
   stage_change      step, stage, previous
   schedule_change   step, ends, previous (cumulative stage ends; budget.policy finish_stages)
   warning           message, step
+  samples_written   step, grid (its path), seconds (its time sizes the stop margin)
   budget_stop       step, billed_gpu_seconds
   segment_end       reason (finished | budget | deadline | signal SIGxxx | failed: ...), step
 written by the launcher (login node, or the job's submitit wrapper):

@@ -75,13 +75,16 @@ def sample(
     cfg_scale: float = 4.0,
     method: str = "euler",
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Integrate from noise (t=1) to the image (t=0) on the shifted time grid. -> (B, 3, H, W) in [-1, 1]."""
+    """Integrate from noise (t=1) to the image (t=0) on the shifted time grid. -> (B, 3, H, W) in [-1, 1].
+
+    The starting noise is `noise` (B, 3, H, W) when given, else drawn from `generator`."""
     if method not in ("euler", "heun"):
         raise ValueError(f"sampler {method!r} is unknown; use 'euler' or 'heun'")
     B = text.shape[0]
     device = next(model.parameters()).device
-    x = torch.randn(B, 3, resolution, resolution, generator=generator).to(device)
+    x = (noise if noise is not None else torch.randn(B, 3, resolution, resolution, generator=generator)).to(device)
     text, mask = text.to(device), mask.to(device)
     null_t = objective.null_text.to(device).expand_as(text)
     null_m = objective.null_mask.to(device).expand_as(mask)

@@ -35,20 +35,43 @@ def to_grid(images: torch.Tensor, rows: int, min_cell: int = 128) -> Image.Image
     return Image.fromarray(grid)
 
 
-def render_grid(model, objective, encoder, prompts, resolution, out: Path, per_prompt=4, steps=30,
-                cfg_scale=4.0, seed=0, method="euler") -> Path:
-    captions = [p for p in prompts for _ in range(per_prompt)]
-    text, mask = encoder.encode(captions)
+def image_noise(seed: int, index: int, resolution: int) -> torch.Tensor:
+    """The starting noise of image `index` of a grid: its own generator, so a grid split over any number of ranks is
+    the same grid."""
+    return torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+def grid_part(model, objective, encoder, prompts, resolution, indices: list[int], per_prompt=4, steps=30,
+              cfg_scale=4.0, seed=0, method="euler") -> torch.Tensor:
+    """Images `indices` of the grid (image i: prompt i // per_prompt), as this rank's share. -> (len, 3, R, R) on
+    the CPU, float16 (empty for no indices)."""
+    if not indices:
+        return torch.empty(0, 3, resolution, resolution, dtype=torch.float16)
+    text, mask = encoder.encode([prompts[i // per_prompt] for i in indices])
+    noise = torch.stack([image_noise(seed, i, resolution) for i in indices])
     was_training = model.training
     model.eval()
     images = sample(model, objective, text, mask, resolution, steps=steps, cfg_scale=cfg_scale, method=method,
-                    generator=torch.Generator().manual_seed(seed))
+                    noise=noise)
     model.train(was_training)
+    return images.to("cpu", torch.float16)
+
+
+def save_grid(images: torch.Tensor, prompts, out: Path) -> Path:
+    """The grid PNG (one row per prompt) and its prompts beside it (`.txt`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     to_grid(images, rows=len(prompts)).save(out)
     out.with_suffix(".txt").write_text("".join(f"row {i + 1}: {p}\n" for i, p in enumerate(prompts)))
     return out
+
+
+def render_grid(model, objective, encoder, prompts, resolution, out: Path, per_prompt=4, steps=30,
+                cfg_scale=4.0, seed=0, method="euler") -> Path:
+    """The whole grid in this process."""
+    images = grid_part(model, objective, encoder, prompts, resolution, list(range(len(prompts) * per_prompt)),
+                       per_prompt, steps, cfg_scale, seed, method)
+    return save_grid(images, prompts, out)
 
 
 def main(argv=None) -> int:

@@ -75,7 +75,8 @@ def test_the_budget_stops_the_run_for_good(write_manifest, tmp_path):
     manifest = write_manifest(steps=(1_000_000, 1), budget={"usd": cap_s, "gpu_hour_usd": 3600.0})
     assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path)]) == 0
     events = read_jsonl(tmp_path / "tiny" / "ledger.jsonl")
-    assert events[-1]["reason"] == "budget" and events[-2]["event"] == "budget_stop"
+    assert events[-1]["reason"] == "budget"
+    assert [e["event"] for e in events[-3:]] == ["budget_stop", "samples_written", "segment_end"]
     stopped = events[-1]["step"]
     assert list((tmp_path / "tiny" / "samples").glob(f"step-{stopped:08d}.png"))
     # the first job planned for a 10 s save before it measured one; the next starts from the measured times (a
@@ -123,3 +124,26 @@ def test_finish_stages_shrinks_the_remaining_stages_from_the_measured_speed(writ
     assert tr.state.stage_ends == list(ends)
     change = read_jsonl(run_dir / "ledger.jsonl")[-1]
     assert change["event"] == "schedule_change" and change["previous"] == [100_000, 150_000] and change["ends"] == list(ends)
+
+
+def test_the_final_sample_grid_is_inside_the_stop_margin(write_manifest, tmp_path):
+    """A measured grid time (this job's, or earlier jobs' samples_written events) moves the stop earlier by 1.5x it."""
+    from launcher.cli import prepare_run_dir
+    from launcher.manifest import load_manifest
+
+    path = write_manifest(budget={"wall_hours": 1.0})
+    m = load_manifest(path, [])
+    t0 = 1_000_000.0
+    past = [ev("segment_start", t0, gpus=1), ev("samples_written", t0 + 50, seconds=40.0), ev("segment_end", t0 + 60)]
+    clock = JobClock(m, past, [], gpus=1, start=t0 + 100, under_slurm=False, environ={})
+    assert clock.samples_s == 40.0
+    end = t0 + 3600
+    just_before = end - margin_s(0.0, 10.0) - 1  # outside the margin without a grid
+    assert Limits.from_run(m.budget, past, 1, environ={}).check(just_before, 0.0, 0.0, 10.0) is None
+    assert clock.stop_reason(now=just_before) == "budget"
+    assert clock.stop_reason(now=end - margin_s(0.0, 10.0, 40.0) - 1) is None
+    fresh = JobClock(m, [], [], gpus=1, start=t0, under_slurm=False, environ={})
+    fresh.observe_step(0.5)
+    assert fresh.samples_s == 0.0 and fresh.samples_estimate() > 0  # before any grid: an estimate from the step time
+    fresh.observe_samples(12.0)
+    assert fresh.samples_s == 12.0

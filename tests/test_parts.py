@@ -27,8 +27,7 @@ def test_ema_moves_towards_the_model_every_n_steps():
     for old, new, live in zip(before, ema.module.parameters(), model.parameters()):
         torch.testing.assert_close(new, old + 0.25 * (live - old), rtol=0, atol=1e-7)
         assert not new.requires_grad
-    assert ema.gathered(True, lambda: None, torch.device("cpu")) is ema.module
-    assert ema.gathered(False, lambda: None, torch.device("cpu")) is None
+    assert ema.whole(lambda: None, torch.device("cpu")) is ema.module  # not sharded: the module itself
 
 
 def test_clip_gradients_returns_the_norm_before_clipping_on_the_device():
@@ -122,3 +121,28 @@ def test_checkpoint_manager_saves_and_restores_its_named_parts(tmp_path):
     assert mgr2.restore().endswith("step-00000007")
     assert torch.equal(model2.weight, model.weight) and train2.step == 7 and data2.samples == 56
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_a_grid_split_over_ranks_is_the_grid_of_one_process():
+    """Each image of a sample grid has its own noise, so ranks rendering every other image assemble the same grid."""
+    from pixeldiff.config import ModelConfig, ObjectiveConfig, TextConfig
+    from pixeldiff.model import PixelDiT
+    from pixeldiff.objective import XPrediction
+    from pixeldiff.sample import grid_part
+    from pixeldiff.text import make_text_encoder
+
+    enc = make_text_encoder(TextConfig(max_tokens=8, dim=16), torch.device("cpu"))
+    null_text, null_mask = enc.encode([""])
+    torch.manual_seed(0)
+    model = PixelDiT(ModelConfig(preset="test"), 16)
+    with torch.no_grad():  # the final layer starts at zero: make the network say something
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    obj = XPrediction(ObjectiveConfig(), null_text[0], null_mask[0])
+    prompts = ["a red circle on black", "a blue square on white"]
+    args = dict(per_prompt=2, steps=2, cfg_scale=2.0, seed=5)
+    whole = grid_part(model, obj, enc, prompts, 16, [0, 1, 2, 3], **args)
+    even, odd = grid_part(model, obj, enc, prompts, 16, [0, 2], **args), grid_part(model, obj, enc, prompts, 16, [1, 3], **args)
+    torch.testing.assert_close(torch.stack([even[0], odd[0], even[1], odd[1]]), whole, atol=2e-3, rtol=0)
+    assert not torch.equal(whole[0], whole[1])  # different noise per image
+    assert grid_part(model, obj, enc, prompts, 16, [], **args).shape == (0, 3, 16, 16)
