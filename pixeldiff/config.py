@@ -163,6 +163,8 @@ class DataConfig:
     retries: int = 4  # per shard, for transient read errors, with exponential backoff
     retry_backoff_s: float = 0.5
     block_size_mb: int = 8  # read size for remote shards
+    shuffle_buffer: int = 1000  # samples per seeded shuffle window of each stream (0 or 1: shard order)
+    caption_key: str = "txt"  # the caption's member: "txt", or "json:caption" (a field of the .json member)
     s3: S3Config = field(default_factory=S3Config)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -413,6 +415,11 @@ def validate(m: Manifest) -> None:
                           "data.text.encoder is 'hf'")
     if d.workers < 0 or d.prefetch < 1 or d.retries < 0 or d.retry_backoff_s < 0 or d.block_size_mb < 1:
         raise ConfigError("data: workers and retries must be >= 0, prefetch and block_size_mb >= 1, retry_backoff_s >= 0")
+    if d.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer: must be >= 0 samples (0 or 1: no shuffle), got {d.shuffle_buffer}")
+    if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*(:[^:\s]+)?", d.caption_key):
+        raise ConfigError(f"data.caption_key: {d.caption_key!r} is not a member extension or extension:field; "
+                          f"use 'txt' (the .txt member) or 'json:caption' (the caption field of the .json member)")
     if d.max_pixels <= 0 or not 0 <= d.max_bad_fraction <= 1:
         raise ConfigError(f"data: max_pixels must be > 0 and max_bad_fraction in [0, 1], got {d.max_pixels} and {d.max_bad_fraction}")
     if d.text.max_tokens < 1 or d.text.dim < 1:

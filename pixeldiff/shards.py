@@ -2,32 +2,37 @@
 
 The pipeline, in stages:
 
-    shard list (brace pattern / list / list file)
+    shard list (braceexpand-style patterns, `::` joins, list files; .tar, .tar.gz, .tgz)
       -> epoch order (a permutation from (seed, epoch))
       -> streams: stream s = rank * workers + worker takes order[s::streams]
-      -> read tar (retry transient errors, skip what cannot be read)
+      -> read tar (retry transient errors, skip what cannot be read), group members into samples by key
+         (the webdataset library's rule; `__*` metadata and `._*` AppleDouble members skipped)
+      -> shuffle windows of `data.shuffle_buffer` consecutive keys, each emitted in a seeded order
       -> decode, check, resize shorter side, centre crop, optional flip
       -> batches of `micro` samples, each carrying its stream's position
 
-Resume guarantee: a position is (epoch, index into the stream's shard list, samples
-already consumed in that shard) and is recorded for every stream from the batches the
-trainer actually consumed (not what workers prefetched). Restarted with the same number
-of streams (ranks x workers) a run continues exactly: no sample replayed or skipped.
-With a different number, shards every old stream finished in the lowest recorded epoch are
-dropped from that epoch's order and the rest are dealt to the new streams from the
-start of each shard: nothing is skipped, and at most one partly read shard per old
-stream is read again.
+Resume guarantee: a position is (epoch, index into the stream's shard list and key index in that shard where
+the current shuffle window starts, slots of that window consumed) and is recorded for every stream from the
+batches the trainer actually consumed (not what workers prefetched). Restarted with the same number of streams
+(ranks x workers) a run reads the window again and continues exactly: no sample replayed or skipped. With a
+different number, shards every old stream finished before its current window in the lowest recorded epoch are
+dropped from that epoch's order and the rest are dealt to the new streams from the start of each shard: nothing
+is skipped, and only the shards of each old stream's current window are read again.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import itertools
+import json
 import random
 import re
 import signal
 import sys
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +43,8 @@ from pixeldiff.storage import storage_options
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 BAD_KINDS = ("truncated_tar", "corrupt_image", "not_image", "missing_caption", "too_large", "too_small",
-             "bad_embedding", "empty_shard", "shard_missing", "read_error")
+             "bad_embedding", "duplicate_member", "empty_shard", "shard_missing", "read_error")
+SHARD_KINDS = ("empty_shard", "shard_missing", "read_error", "truncated_tar")  # whole-shard problems, not samples
 
 
 class DataError(RuntimeError):
@@ -47,46 +53,171 @@ class DataError(RuntimeError):
 
 # ------------------------------------------------------------------ shard lists
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
+SHARD_EXTS = (".tar", ".tar.gz", ".tgz")
+LIST_EXTS = (".txt", ".list", ".lst")
+_INT_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)(?:\.\.-?(\d+))?")
+_CHAR_RANGE = re.compile(r"([A-Za-z])\.\.([A-Za-z])(?:\.\.-?(\d+))?")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`train-{000..002}.tar` -> train-000.tar, train-001.tar, train-002.tar (zero padding kept);
-    `{a,b}` lists; several groups multiply."""
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        a, b = rng.groups()
-        if int(b) < int(a):
-            raise DataError(f"shard pattern {pattern!r}: bad range {{{body}}}, the end is before the start")
-        width = len(a) if a.startswith("0") or len(a) == len(b) else 0
-        options = [f"{i:0{width}d}" for i in range(int(a), int(b) + 1)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        raise DataError(f"shard pattern {pattern!r}: bad brace group {{{body}}}; use {{000..009}} or {{a,b}}")
-    return [x for opt in options for x in expand_braces(head + opt + tail)]
+    """Bash-style brace expansion with the `braceexpand` package's semantics (the webdataset library uses it):
+    `{000..002}` (zero padding when an end has a leading zero), `{1..9..2}` steps, `{5..1}` descending, `{a..e}`,
+    `{a,b}` lists, nested groups, several groups multiply, `\\{` a literal brace; `{x}` (no comma, no range) stays
+    literal. Unbalanced braces are a DataError."""
+    return [re.sub(r"\\(.)", r"\1", s) for s in _expand(pattern, pattern)]
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` split at `sep` characters outside braces (backslash escapes respected)."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return parts + [text[start:]]
+
+
+def _expand(text: str, whole: str) -> list[str]:
+    """Expansions of `text` (escapes kept, removed by the caller)."""
+    pieces: list[list[str]] = []  # a product of alternatives
+    depth, start, i = 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            if depth == 0:
+                pieces.append([text[start:i]])
+                start = i
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                break
+            if depth == 0:
+                pieces.append(_group(text[start + 1:i], whole))
+                start = i + 1
+        i += 1
+    if depth != 0:
+        raise DataError(f"shard pattern {whole!r}: unbalanced braces; every '{{' needs its '}}' (write \\{{ for a "
+                        f"literal brace)")
+    pieces.append([text[start:]])
+    out = [""]
+    for alts in pieces:
+        out = [a + b for a in out for b in alts]
+    return out
+
+
+def _group(body: str, whole: str) -> list[str]:
+    """The alternatives of one top-level `{body}`."""
+    m = _INT_RANGE.fullmatch(body)
+    if m:
+        a, b, step = m.group(1), m.group(2), int(m.group(3) or 1) or 1
+        pad = any(s.lstrip("-").startswith("0") for s in (a, b) if s not in ("0", "-0"))
+        width = max(len(a), len(b)) if pad else 0
+        lo, hi = int(a), int(b)
+        values = range(lo, hi + 1, step) if lo < hi else range(lo, hi - 1, -step)
+        return [f"{v:0{width}d}" for v in values]
+    m = _CHAR_RANGE.fullmatch(body)
+    if m:
+        lo, hi, step = _LETTERS.index(m.group(1)), _LETTERS.index(m.group(2)), int(m.group(3) or 1) or 1
+        values = range(lo, hi + 1, step) if lo < hi else range(lo, hi - 1, -step)
+        return [_LETTERS[v] for v in values]
+    alts = _split_top(body, ",")
+    if len(alts) == 1:  # no comma, no range: the braces are literal, what is inside still expands
+        return ["{" + s + "}" for s in _expand(body, whole)]
+    return [s for alt in alts for s in _expand(alt, whole)]
+
+
+def _check_spec(item: str, where: str) -> None:
+    if item.startswith("pipe:"):
+        raise DataError(f"{where}: {item!r}: pipe: URLs (a shell command per shard) are not supported, as the reader "
+                        f"must reopen a shard at a sample to resume and retry; name the shard itself "
+                        f"(s3://bucket/train-{{000..099}}.tar, or a local path)")
+
+
+def is_shard_url(url: str) -> bool:
+    return url.lower().endswith(SHARD_EXTS)
 
 
 def shard_list(spec, storage_options: dict | None = None) -> list[str]:
-    """A brace pattern, a list of URLs/patterns, or a file (local or s3://) listing one per line."""
+    """Shard URLs from `data.shards`: a spec, or a list of specs. A spec is a shard URL with brace patterns
+    (`train-{000..099}.tar`, also `.tar.gz`/`.tgz`), several such joined by `::`, or a list file (`.txt`, `.list`,
+    `.lst`; local or s3://) naming one spec per line (`#` comments)."""
     items = spec if isinstance(spec, list) else [spec]
     out: list[str] = []
     for item in items:
-        if not item.endswith(".tar") and "{" not in item:
-            import fsspec
-
-            with fsspec.open(item, "rt", **_options_for(item, storage_options)) as f:
-                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-            out += [u for ln in lines for u in expand_braces(ln)]
-        else:
-            out += expand_braces(item)
+        for part in item.split("::"):
+            part = part.strip()
+            _check_spec(part, "data.shards")
+            if not part:
+                raise DataError(f"data.shards: {item!r} has an empty part between '::' separators")
+            if part.lower().endswith(LIST_EXTS) and "{" not in part:
+                out += _read_list_file(part, storage_options)
+                continue
+            urls = expand_braces(part)
+            bad = [u for u in urls if not is_shard_url(u)]
+            if bad:
+                raise DataError(f"data.shards: {bad[0]!r} (from {part!r}) is neither a shard ({', '.join(SHARD_EXTS)}) "
+                                f"nor a list file ({', '.join(LIST_EXTS)}); name the tar files, e.g. "
+                                f"s3://bucket/train-{{000..099}}.tar")
+            out += urls
     if not out:
         raise DataError(f"data.shards {spec!r} names no shards")
     return out
+
+
+def _read_list_file(url: str, storage_options: dict | None) -> list[str]:
+    import fsspec
+
+    check_protocols([url])
+    try:
+        with fsspec.open(url, "rt", **_options_for(url, storage_options)) as f:
+            lines = [ln.strip() for ln in f]
+    except FileNotFoundError:
+        raise DataError(f"data.shards: the list file {url} does not exist") from None
+    out: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if not line or line.startswith("#"):
+            continue
+        for part in line.split("::"):
+            _check_spec(part, f"data.shards list file {url}, line {n}")
+            urls = expand_braces(part.strip())
+            bad = [u for u in urls if not is_shard_url(u)]
+            if bad:
+                raise DataError(f"data.shards list file {url}, line {n}: {bad[0]!r} is not a shard "
+                                f"({', '.join(SHARD_EXTS)}); a list file names shards, not other list files")
+            out += urls
+    return out
+
+
+def check_protocols(urls) -> None:
+    """Every storage protocol the shards use has its package installed, or a DataError naming the package."""
+    import importlib
+
+    from fsspec.registry import known_implementations
+
+    for proto in sorted({u.split("://", 1)[0] for u in urls if "://" in u} - {"file"}):
+        impl = known_implementations.get(proto)
+        if impl is None:
+            raise DataError(f"data.shards: no filesystem for {proto}:// URLs; use s3:// or local paths")
+        module = impl["class"].rsplit(".", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            package = module.split(".", 1)[0]
+            raise DataError(f"data.shards: reading {proto}:// needs the Python package {package!r}, which is not "
+                            f"installed ({e}); pip install {package} (s3fs is part of pixeldiff's install: "
+                            f"reinstall with pip install -e .)") from None
 
 
 def _options_for(url: str, storage_options: dict | None) -> dict:
@@ -110,11 +241,12 @@ def stream_shards(n_shards: int, seed: int, epoch: int, stream: int, n_streams: 
 class Position:
     epoch: int = 0
     next: int = 0  # index into this stream's shard list for `epoch`
-    offset: int = 0  # samples (keys) already consumed in that shard
+    offset: int = 0  # key index in that shard where the current shuffle window starts
     remaining: list | None = None  # after a re-layout: this stream's explicit shard list for `epoch`
+    taken: int = 0  # slots of the window starting at (next, offset) already consumed (good or bad)
 
     def as_list(self) -> list:
-        return [self.epoch, self.next, self.offset, self.remaining]
+        return [self.epoch, self.next, self.offset, self.remaining, self.taken]
 
 
 def relayout(old: dict[int, list], old_streams: int, new_streams: int, n_shards: int, seed: int) -> dict[int, Position]:
@@ -150,6 +282,7 @@ class ReadOptions:
     block_size: int = 8 << 20
     text_len: int = 0  # > 0: precomputed embeddings are required and padded/truncated to this
     text_dim: int = 0
+    caption_key: str = "txt"  # "txt", or "json:caption": a field of the .json member
 
 
 class CountingReader:
@@ -178,8 +311,21 @@ class Bad:
         self.kind, self.key = kind, key
 
 
+def split_member(name: str):
+    """A member name -> (key, extension), or None for a member that is not part of a sample: the webdataset
+    library's rule (the key is the name up to the first dot of its last path part, the extension the rest,
+    lower-cased), plus: names starting with `__` (metadata such as `__index__.json`) and with `.` (AppleDouble
+    `._x.jpg`, `.DS_Store`) are skipped."""
+    base = name.rsplit("/", 1)[-1]
+    if "." not in base or base.startswith(("__", ".")):
+        return None
+    stem, ext = base.split(".", 1)
+    return name[: len(name) - len(base)] + stem, ext.lower()
+
+
 def _group_members(tar):
-    """Yield (key, {ext: bytes}) for consecutive members sharing a key.
+    """Yield (key, {ext: bytes}) for consecutive members sharing a key (a key with two members of one extension
+    carries DUPLICATE: the extension).
 
     A group is yielded as soon as the next member's header shows a new key, before that
     member's data is read, so a tar cut inside a member still gives every whole sample before it.
@@ -188,11 +334,10 @@ def _group_members(tar):
     for info in tar:
         if not info.isfile():
             continue
-        name = info.name.rsplit("/", 1)[-1]
-        if "." not in name:
+        split = split_member(info.name)
+        if split is None:
             continue
-        stem, ext = name.split(".", 1)
-        member_key = info.name[: len(info.name) - len(name)] + stem
+        member_key, ext = split
         if member_key != key:
             if parts:
                 yield key, parts
@@ -200,21 +345,42 @@ def _group_members(tar):
         data = tar.extractfile(info).read()
         if len(data) != info.size:
             raise tarfile.ReadError(f"member {info.name} is cut short")
-        parts[ext.lower()] = data
+        if ext in parts:
+            parts[DUPLICATE] = ext
+        parts[ext] = data
     if parts:
         yield key, parts
 
 
+DUPLICATE = "\0duplicate"  # never an extension
+
+
+def read_caption(parts: dict, caption_key: str) -> str | None:
+    """The caption from the member `caption_key` names ("txt"), or from a field of a JSON member ("json:caption");
+    None when it is missing, not UTF-8, or not a string."""
+    ext, _, fld = caption_key.partition(":")
+    raw = parts.get(ext)
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+        if fld:
+            value = json.loads(text).get(fld)
+            text = value if isinstance(value, str) else None
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return text.strip() if text is not None else None
+
+
 def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
     """-> dict(image uint8 (3,R,R), caption, key[, emb, mask]) or Bad."""
+    if DUPLICATE in parts:
+        return Bad("duplicate_member", key)
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if img_ext is None:
         return Bad("not_image", key)
-    if "txt" not in parts:
-        return Bad("missing_caption", key)
-    try:
-        caption = parts["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
+    caption = read_caption(parts, opt.caption_key)
+    if caption is None:
         return Bad("missing_caption", key)
     R = opt.resolution
     try:
@@ -258,7 +424,14 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
 
 
 def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | None, flip_seed: int, log):
-    """Yield decoded samples or Bad records for every key after the first `skip` keys of the shard.
+    """Yield decoded samples or Bad records for every key after the first `skip` keys of the shard."""
+    for item in read_shard_raw(url, opt, skip, storage_options, log):
+        yield item if isinstance(item, Bad) else decode_sample(*item, opt, flip_seed)
+
+
+def read_shard_raw(url: str, opt: ReadOptions, skip: int, storage_options: dict | None, log):
+    """Yield (key, {ext: bytes}) for every key after the first `skip` keys of the shard, or a Bad record for a
+    problem with the whole shard (missing, empty, truncated, unreadable). `.tar.gz`/`.tgz` are decompressed.
 
     Transient read errors are retried with backoff, reopening the shard and skipping what was
     already yielded; then the rest of the shard is given up as one `read_error`.
@@ -270,7 +443,7 @@ def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | No
         try:
             fs, path = fsspec.core.url_to_fs(url, **_options_for(url, storage_options))
             with fs.open(path, "rb", block_size=opt.block_size) as f:
-                raw = CountingReader(f)
+                raw = CountingReader(gzip.GzipFile(fileobj=f) if url.lower().endswith((".gz", ".tgz")) else f)
                 seen, pending, cut = 0, None, None  # pending: the last group, whole only if the archive ends properly
                 with tarfile.open(fileobj=raw, mode="r|*") as tar:
                     try:
@@ -281,18 +454,22 @@ def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | No
                             if pending is not None:
                                 done += 1
                                 attempt = 0
-                                yield decode_sample(*pending, opt, flip_seed)
+                                yield pending
                             pending = (key, parts)
-                    except (tarfile.TarError, EOFError) as e:
+                    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
                         cut = e  # raised while reading the group after `pending`: pending itself is whole
                     end = tar.offset
                 if cut is None:
-                    raw.drain()
+                    try:
+                        raw.drain()
+                    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                        cut = e
+                if cut is None:
                     if raw.count < end + 512:  # no end-of-archive block: cut off inside a header
                         cut, pending = f"no end-of-archive marker after {raw.count} bytes", None
                 if pending is not None:
                     done += 1
-                    yield decode_sample(*pending, opt, flip_seed)
+                    yield pending
                 if cut is not None:
                     log(f"truncated or corrupt tar {url} after {done} samples: {cut}")
                     yield Bad("truncated_tar", url)
@@ -302,7 +479,7 @@ def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | No
         except FileNotFoundError:
             yield Bad("shard_missing", url)
             return
-        except (tarfile.TarError, EOFError, ValueError) as e:
+        except (tarfile.TarError, EOFError, ValueError, gzip.BadGzipFile, zlib.error) as e:
             log(f"truncated or corrupt tar {url} after {done} samples: {e}")
             yield Bad("truncated_tar", url)
             return
@@ -318,14 +495,46 @@ def read_shard(url: str, opt: ReadOptions, skip: int, storage_options: dict | No
 # ------------------------------------------------------------------ the dataset
 
 
+def window_order(n: int, seed: int, epoch: int, shard: int, offset: int) -> list[int]:
+    """The emission order of a shuffle window: a permutation seeded by where the window starts (the shard's index
+    in the shard list, the key's index in the shard), so a restart that reads the window again gets the same one,
+    whatever the stream layout and wherever the shards are stored."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}:{shard}:{offset}").shuffle(order)
+    return order
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Endless batches for one rank; each DataLoader worker is one stream."""
+    """Endless batches for one rank; each DataLoader worker is one stream.
+
+    A stream cuts its epoch's keys into shuffle windows of `window` consecutive keys (crossing shards, never
+    epochs), holds a window's undecoded members in memory and decodes them in a seeded order (`window_order`).
+    The position is the window's start and how many of its slots were consumed, so a restart reads that window
+    again (undecoded, from its start) and continues at the same slot."""
 
     def __init__(self, urls, seed, rank, world, workers, positions: dict[int, Position], micro: int,
-                 opt: ReadOptions, storage_options: dict | None, rotate: int = 0):
+                 opt: ReadOptions, storage_options: dict | None, rotate: int = 0, window: int = 1):
         self.urls, self.seed, self.rank, self.world, self.workers = urls, seed, rank, world, max(1, workers)
         self.rotate = rotate  # the DataLoader starts with worker 0: give it the stream whose batch is due next
         self.positions, self.micro, self.opt, self.storage_options = positions, micro, opt, storage_options
+        self.window = max(1, window)
+
+    def _keys(self, lst, pos: Position, counts: dict, quiet: list, log):
+        """(shard index in `lst`, key index in that shard, url, key, parts) for the epoch's keys from `pos`'s window
+        start; whole-shard problems are counted (unless quiet[0]: a restart reading a window whose problems the
+        checkpoint counted already)."""
+        for i in range(pos.next, len(lst)):
+            url = self.urls[lst[i]]
+            k = pos.offset if i == pos.next else 0
+            for item in read_shard_raw(url, self.opt, k, self.storage_options, log):
+                if isinstance(item, Bad):
+                    if not quiet[0]:
+                        counts[item.kind] += 1
+                        if item.kind != "truncated_tar":
+                            log(f"{item.kind}: {url}")
+                    continue
+                yield (i, k, url, *item)
+                k += 1
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -341,33 +550,37 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
         buf = []
         while True:
-            good_before = pos.offset  # a pass over a whole shard list without one good sample is fatal
-            yielded = 0
+            resumed = bool(pos.next or pos.offset or pos.taken)  # a pass over a whole shard list without one good sample is fatal
+            yielded, taken = 0, pos.taken
             lst = pos.remaining if pos.remaining is not None else \
                 stream_shards(len(self.urls), self.seed, pos.epoch, stream, n_streams)
-            while pos.next < len(lst):
-                url = self.urls[lst[pos.next]]
-                for item in read_shard(url, self.opt, pos.offset, self.storage_options, self.seed + pos.epoch, log):
+            quiet = [taken > 0]
+            keys = self._keys(lst, pos, counts, quiet, log)
+            while True:
+                window = list(itertools.islice(keys, self.window))
+                quiet[0] = False
+                if not window:
+                    break
+                first, start = window[0][0], window[0][1]
+                order = window_order(len(window), self.seed, pos.epoch, lst[first], start) if len(window) > 1 else [0]
+                for slot in range(taken, len(window)):
+                    _, _, url, key, parts = window[order[slot]]
+                    window[order[slot]] = None  # decoded once: let the bytes go
+                    item = decode_sample(key, parts, self.opt, self.seed + pos.epoch)
+                    here = Position(pos.epoch, first, start, pos.remaining, slot + 1)
                     if isinstance(item, Bad):
                         counts[item.kind] += 1
-                        if item.kind in ("shard_missing", "empty_shard", "truncated_tar", "read_error"):
-                            if item.kind != "truncated_tar":
-                                log(f"{item.kind}: {url}")
-                            continue  # not a sample position
-                        pos.offset += 1
                         if (item.kind, url) not in logged:
                             logged.add((item.kind, url))
                             log(f"skipping {item.kind} sample {item.key} in {url} (further ones in this shard counted silently)")
                         continue
-                    pos.offset += 1
                     yielded += 1
                     buf.append(item)
                     if len(buf) == self.micro:
-                        yield collate(buf, stream, pos, counts)
+                        yield collate(buf, stream, here, counts)
                         buf = []
-                pos.next += 1
-                pos.offset = 0
-            if yielded == 0 and lst and not good_before:
+                taken = 0
+            if yielded == 0 and lst and not resumed:
                 raise DataError(f"data stream {stream}: not one readable sample in {len(lst)} shard(s) "
                                 f"(e.g. {self.urls[lst[0]]}): {dict((k, v) for k, v in counts.items() if v)}; "
                                 f"check data.shards, the credentials and data.s3.endpoint_url")
@@ -426,6 +639,7 @@ class ShardSource:
         self.workers = data_cfg.workers
         self.storage_options = storage_options(data_cfg.s3)
         self.urls = shard_list(data_cfg.shards, self.storage_options)
+        check_protocols(self.urls)
         self.n_streams = world * max(1, self.workers)
         if len(self.urls) < self.n_streams:
             raise DataError(
@@ -464,7 +678,7 @@ class ShardSource:
         return {k: v for k, v in out.items() if v}
 
     def check_bad_fraction(self) -> None:
-        bad = sum(v for k, v in self.bad_samples().items() if k not in ("empty_shard", "shard_missing", "read_error", "truncated_tar"))
+        bad = sum(v for k, v in self.bad_samples().items() if k not in SHARD_KINDS)
         total = bad + self.samples
         if total >= 100 and bad / total > self.cfg.max_bad_fraction:
             raise DataError(
@@ -491,9 +705,10 @@ class ShardSource:
         opt = ReadOptions(resolution=resolution, flip=c.flip, small_images=c.small_images, max_pixels=c.max_pixels,
                           retries=c.retries, backoff_s=c.retry_backoff_s, block_size=c.block_size_mb << 20,
                           text_len=self.text_cfg.max_tokens if self.text_cfg.encoder == "precomputed" else 0,
-                          text_dim=self.text_cfg.dim)
+                          text_dim=self.text_cfg.dim, caption_key=c.caption_key)
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
-                          self.storage_options, rotate=self.batches_seen % max(1, self.workers))
+                          self.storage_options, rotate=self.batches_seen % max(1, self.workers),
+                          window=c.shuffle_buffer)
         kw = dict(num_workers=self.workers, prefetch_factor=c.prefetch, persistent_workers=False,
                   worker_init_fn=ignore_stop_signals) if self.workers else {}
         loader = torch.utils.data.DataLoader(ds, batch_size=None, pin_memory=self.pin_memory, **kw)

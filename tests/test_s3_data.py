@@ -48,7 +48,8 @@ def test_s3_outage_mid_epoch_is_retried_and_nothing_is_lost(s3_endpoint, tmp_pat
     keys = write_shards(tmp_path, n_shards=6, per_shard=4)
     upload(s3_endpoint, "outage", tmp_path)
     proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])).up()
-    src = s3_source(proxy.url, "s3://outage/shards/train-{000..005}.tar", retries=6, retry_backoff_s=0.3)
+    # shuffle windows of one shard, so the outage falls on shards not read yet
+    src = s3_source(proxy.url, "s3://outage/shards/train-{000..005}.tar", retries=6, retry_backoff_s=0.3, shuffle_buffer=4)
     it = src.batches(16, 2)
     got = [k for b in itertools.islice(it, 3) for k in b["key"]]  # 6 samples: mid-epoch
     proxy.down()
