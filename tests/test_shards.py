@@ -210,3 +210,37 @@ def test_a_stream_with_no_readable_sample_fails_cleanly_from_a_worker(tmp_path):
     msg = str(e.value)
     assert msg.startswith("data stream 0: not one readable sample in 1 shard(s)") and "bad.tar" in msg
     assert "Traceback" not in msg and "\n" not in msg
+
+
+def test_shuffle_windows_mix_shards_and_resume_exactly(tmp_path):
+    keys = write_shards(tmp_path, n_shards=4, per_shard=4)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    plain = take_keys(source(pattern, workers=2, shuffle_buffer=0), 4)  # 2 streams x 8 keys: one epoch
+    mixed = take_keys(source(pattern, workers=2, shuffle_buffer=7), 4)  # windows of 7 keys cross shard ends
+    assert sorted(mixed) == sorted(plain) == sorted(keys) and mixed != plain  # one epoch, each sample once
+    batches = [mixed[i:i + 4] for i in range(0, 16, 4)]
+    assert any(len({k[:4] for k in b}) > 1 for b in batches)  # a micro-batch holds samples of several shards
+    assert mixed == take_keys(source(pattern, workers=2, shuffle_buffer=7), 4)  # seeded: the same every time
+    whole = take_keys(source(pattern, workers=2, shuffle_buffer=7), 12)  # three epochs
+    assert whole[16:32] != whole[:16]  # each epoch its own order
+    for cut in (1, 3, 4, 7):  # stop inside windows, at an epoch's end, across epochs
+        first = source(pattern, workers=2, shuffle_buffer=7)
+        head = take_keys(first, cut)
+        second = source(pattern, workers=2, shuffle_buffer=7)
+        second.load_state_dict(first.state_dict())
+        assert head + take_keys(second, 12 - cut) == whole, f"resume after {cut} batches"
+
+
+def test_shuffled_two_ranks_resumed_on_one_see_every_sample_of_the_epoch(tmp_path):
+    keys = write_shards(tmp_path, n_shards=8, per_shard=6)
+    pattern = str(tmp_path / "train-{000..007}.tar")
+    ranks = [source(pattern, workers=2, world=2, rank=r, shuffle_buffer=5) for r in range(2)]
+    head = [k for src in ranks for k in take_keys(src, 3, micro=2)]  # 12 of the epoch's 48, mid-window
+    states = [src.state_dict() for src in ranks]
+    one = source(pattern, workers=2, world=1, rank=0, shuffle_buffer=5)
+    one.load_state_dict(states[0], every_rank=states)
+    left = [i for p in one.positions.values() for i in p.remaining]
+    tail = take_keys(one, 6 * len(left) // 2, micro=2)  # the rest of the epoch: the remaining shards, whole
+    assert set(head) | set(tail) == set(keys), "a sample of the epoch was skipped"
+    assert len(tail) == len(set(tail))  # within the resumed epoch, once each
+    assert len(set(head) & set(tail)) <= 4 * 2 * 6  # replays only from the 4 old streams' current windows' shards
