@@ -3,8 +3,9 @@
 Layout of one checkpoint (a local directory or an s3:// prefix):
 
     step-00012000/
-      .metadata, __R_0.distcp        model, EMA and optimizer state (DCP: each rank writes its own shards)
-      train_state-rankNNNNN.pt       one per rank: step, stage, data position, RNG
+      .metadata, __R_0.distcp        model, EMA and optimizer state (DCP: each rank writes its own shards;
+                                     under DDP its share of the replicated state, pixeldiff/replicated.py)
+      train_state-rankNNNNN.pt       one per rank: step, stage, re-split schedule, data position
       manifest.yaml, provenance.json the resolved manifest and code/package versions (rank 0)
       COMPLETE                       written last, by rank 0, after every rank finished
 
@@ -18,13 +19,9 @@ says so). DCP's save returns on rank 0 only after every rank's write finished, s
 follows them all. The newest `keep` valid checkpoints stay; pruning deletes a checkpoint's
 marker first, so a half-deleted one is never mistaken for a valid one.
 
-`CheckpointManager` is what the trainer holds: the named parts of a checkpoint (model, optimizer and
-EMA in the DCP shards; the train state and the data position in each rank's file), restored and saved
-together, with finished saves reported once.
-
-Loading (`load_into`) reads the shards into the current model's layout whatever the number
-of ranks or the parallelism that saved them (DCP reshards); `load` reads whole state dicts in
-one process (sampling, tests, tools).
+`CheckpointManager` is what the trainer holds: a checkpoint's named parts, restored and saved together.
+Loading (`load_into`) reads the shards into the current model's layout whatever the number of ranks
+or the parallelism that saved them (DCP reshards); `load` reads whole state dicts in one process.
 """
 
 from __future__ import annotations
@@ -39,6 +36,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+
+from pixeldiff import replicated
 
 MARKER = "COMPLETE"
 PARTS = ("model", "ema", "optimizer")  # in the DCP shards; plus one train_state-rankNNNNN.pt per rank
@@ -344,6 +343,10 @@ class Saver:
         self.storage_options, self.process_group, self.barrier = storage_options, process_group, barrier
         self._executor: ThreadPoolExecutor | None = None
         self._pending: tuple[Future, dict] | None = None
+        from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+        # on GPUs: pinned CPU buffers, allocated at the first save and refilled at every later one
+        self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
 
     def save(self, step: int, state: dict, files: dict[str, bytes], background: bool) -> list[dict]:
         """All ranks: write `state` (DCP, sharded) and this rank's `files`. -> records of saves that finished meanwhile."""
@@ -356,9 +359,7 @@ class Saver:
         write_files(dest, files, self.storage_options)
         record = {"step": step, "async": background}
         if background:
-            from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-            staged = BlockingAsyncStager().stage(state)  # a CPU copy: training may change the live tensors now
+            staged = self._stager.stage(state)  # a CPU copy: training may change the live tensors now
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixeldiff-checkpoint")
             future = self._executor.submit(self._write, dest, staged, step, t0, record)
@@ -427,10 +428,6 @@ class ModelState:
             sd.set_optimizer_state_dict(self.module, self.optimizer, state)
 
 
-def rank_file(rank: int) -> str:
-    return f"train_state-rank{rank:05d}.pt"
-
-
 class CheckpointManager:
     """Restores and saves a checkpoint's named parts on every rank.
 
@@ -442,8 +439,9 @@ class CheckpointManager:
 
     def __init__(self, root, keep: int, async_save: bool, rank: int, world: int, sharded: dict, train, data,
                  files, on_saved, storage_options: dict | None = None, process_group=None, barrier=lambda: None,
-                 broadcast=lambda obj: obj, log=print):
+                 broadcast=lambda obj: obj, log=print, replicated: bool = False, device=None):
         self.root, self.async_save, self.rank, self.world = root, async_save, rank, world
+        self.replicated, self.device = replicated and world > 1, device  # DDP: each rank saves and reads a share
         self.sharded, self.train, self.data, self.files, self.on_saved = sharded, train, data, files, on_saved
         self.storage_options, self.process_group, self.broadcast, self.log = storage_options, process_group, broadcast, log
         self.saver = Saver(root, keep, rank, storage_options, process_group, barrier=barrier)
@@ -460,7 +458,10 @@ class CheckpointManager:
         if not is_remote(path):
             path = Path(path)
         state = {name: part.state_dict() for name, part in self.sharded.items()}  # the layout DCP fills
-        load_into(path, state, self.process_group, self.storage_options)
+        mine = replicated.share(state, self.rank, self.world) if self.replicated else state
+        load_into(path, mine, self.process_group, self.storage_options)
+        if self.replicated:  # the checkpoint is read once: each share goes to the other ranks
+            state = replicated.broadcast_shares(state, mine, self.rank, self.world, self.device)
         for name, part in self.sharded.items():
             part.load_state_dict(state[name])
         ranks = rank_states(path, self.storage_options)  # rank -> what that rank saved
@@ -474,10 +475,12 @@ class CheckpointManager:
         """Save at `step` (all ranks): in the background when checkpoint.async_save, except a `final` save, which is
         complete (marker written) when this returns. A step already saved is not saved again."""
         if self.saved_step != step:
-            files = {rank_file(self.rank): torch_bytes({**self.train.state_dict(), "data": self.data.state_dict()})}
+            files = {f"train_state-rank{self.rank:05d}.pt": torch_bytes({**self.train.state_dict(), "data": self.data.state_dict()})}
             if self.rank == 0:
                 files.update(self.files())
             state = {name: part.state_dict() for name, part in self.sharded.items()}
+            if self.replicated:  # staged and written by one rank each, not by every rank
+                state = replicated.share(state, self.rank, self.world)
             self._report(self.saver.save(step, state, files, background=self.async_save and not final))
             self.saved_step = step
         if final:

@@ -216,7 +216,7 @@ class Trainer:
             train=self.state, data=self.data, files=self.provenance_files, on_saved=self.on_saved,
             storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
             process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
-            broadcast=distributed.broadcast_object, log=self.log)
+            broadcast=distributed.broadcast_object, log=self.log, replicated=self.par.ddp is not None, device=self.device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def provenance_files(self) -> dict[str, bytes]:

@@ -146,3 +146,46 @@ def test_a_grid_split_over_ranks_is_the_grid_of_one_process():
     torch.testing.assert_close(torch.stack([even[0], odd[0], even[1], odd[1]]), whole, atol=2e-3, rtol=0)
     assert not torch.equal(whole[0], whole[1])  # different noise per image
     assert grid_part(model, obj, enc, prompts, 16, [], **args).shape == (0, 3, 16, 16)
+
+
+def test_replicated_state_is_dealt_to_ranks_by_size_the_same_way_everywhere():
+    from pixeldiff import replicated
+
+    state = {"model": {"a": torch.zeros(100), "b": torch.zeros(60), "c": torch.zeros(50)},
+             "optimizer": {"state": {"a": {"exp_avg": torch.zeros(100), "step": torch.tensor(3.0)}},
+                           "param_groups": [{"lr": 0.1, "params": ["a"]}]}}
+    leaves = replicated.flatten(state)
+    owners = replicated.deal(leaves, 2)
+    assert owners == replicated.deal(dict(reversed(leaves.items())), 2)  # order-independent
+    assert owners[("optimizer", "param_groups")] == 0  # not a tensor: rank 0's
+    shares = [replicated.share(state, r, 2) for r in range(2)]
+    got = {}
+    for s in shares:
+        got.update(replicated.flatten(s))
+    assert got.keys() == leaves.keys() and all(got[p] is leaves[p] for p in got)  # a partition, same tensors
+    sizes = [sum(v.numel() for v in replicated.flatten(s).values() if torch.is_tensor(v)) for s in shares]
+    assert max(sizes) - min(sizes) <= 51 and sum(sizes) == 311  # balanced by size
+    assert replicated.flatten(replicated.unflatten(leaves)).keys() == leaves.keys()
+
+
+def test_ddp_checkpoint_is_written_and_read_as_shares_on_two_ranks(tmp_path):
+    """2 gloo ranks: each writes its share of the replicated state (two shard files of similar size); restoring
+    into fresh, different objects on both ranks reads each share once and broadcasts it: exact state everywhere;
+    one process reads the whole checkpoint."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from distutil import BASE_ENV, free_port
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={free_port()}", str(REPO / "tests" / "replicated_ranks.py"), str(tmp_path)],
+                         env={**__import__("os").environ, **BASE_ENV}, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rank 0 restored" in out.stdout and "rank 1 restored" in out.stdout
+    ckpt = checkpoint.latest_valid(tmp_path)
+    shards = sorted(p.stat().st_size for p in ckpt.glob("*.distcp"))
+    assert len(shards) == 2 and shards[0] > 0.5 * shards[1], shards
+    whole = checkpoint.load(ckpt)
+    assert whole["model"]["0.weight"].shape == (64, 64) and whole["ema"]["2.bias"].shape == (8,)
+    assert set(whole["optimizer"]["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"}
