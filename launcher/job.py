@@ -1,22 +1,30 @@
-"""What runs inside a Slurm job, on every task: the rank entry point that submitit pickles (`TrainJob`), and rank 0's
-decision after the training step ends.
+"""What runs inside a Slurm job: the supervisor (`TrainJob`, what submitit pickles; it runs once, in the batch step
+on the first node) and the rank entry point (`python -m launcher.job RUN_DIR`, every task of the training step).
 
-`TrainJob` reads the job's start and end from Slurm (rank 0), runs the trainer, and rank 0 then
-asks launcher/policy.py what comes next and carries it out (`act`): requeue, resubmit, or stop.
-A rank that fails writes a failure report; rank 0 reads them all to blame a node or none.
+The supervisor reads the job's start and end from Slurm, starts the training step with
+`srun --kill-on-bad-exit=1` (one dead task ends the whole step at once), waits for it, and then
+decides: it reads the step's outcome (rank 0's end reason, the ranks' failure reports, srun's
+`task N: Killed` lines), asks launcher/policy.py what comes next and carries it out (`act`):
+requeue, resubmit excluding the node to blame, or stop. It outlives the training processes, so
+the decision is made even when a rank (rank 0 included) is killed or NCCL aborts every rank.
 Every decision is written to the ledger first, then acted on.
 
-The trainer's own signal handlers (USR2, TERM, INT only set a flag; pixeldiff.train) replace
-submitit's while it trains; submitit's handler, which calls `TrainJob.checkpoint()` and
-requeues, covers only the seconds of start-up before them.
+Signals: the job's `--signal=USR2@lead` and `scancel --signal=...` reach the step's tasks, not the
+batch step; the trainer's handlers only set a flag and stop at a step boundary. A TERM to the
+whole job (plain scancel, preemption) reaches the supervisor too: it notes it and keeps waiting
+for srun (the batch shell traps it: launcher.submit.SHELL_TRAP).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 from launcher.policy import Action, SubmitError, next_action, plan_jobs, since_last
@@ -25,7 +33,7 @@ from launcher.submit import submit
 from pixeldiff.config import ConfigError, Manifest, load_resolved
 from pixeldiff.ledger import append_event
 
-FAILURE_WAIT_S = 15.0  # how long rank 0 waits for the other ranks' failure reports
+RANK_MODULE = "launcher.job"  # python -m launcher.job RUN_DIR: one rank of the training step
 
 
 COLLECTIVE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
@@ -66,20 +74,20 @@ def report_failure(run_dir: Path, rank: int, e: BaseException, environ=os.enviro
     os.replace(tmp, d / f"rank{rank:05d}.json")
 
 
-def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = FAILURE_WAIT_S
+def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = 0.0, dead: tuple = ()
                  ) -> tuple[list[str], str, bool]:
-    """After a failure, on rank 0: the nodes to blame, the first real error, and whether it is fatal (no retry).
-    A rank that reported an error of its own is to blame; if none did, a rank that reported nothing (killed) is.
-    An error of their own on every node blames none (the code or the manifest, not a node)."""
+    """After a failed step, in the supervisor: the nodes to blame, the first real error, and whether it is fatal
+    (no retry). A rank that reported an error of its own is to blame; if none did, the first task srun saw die
+    (`dead`: slurm.types.TaskEnd records, srun's order) that did not report a victim's error; failing that, a rank
+    that reported nothing. An error of their own on every node blames none (the code or the manifest, not a node)."""
     d = failure_dir(run_dir, environ)
     deadline = time.time() + wait_s
-    reports = {}
-    while time.time() < deadline:
+    while True:
         reports = {}
         for f in d.glob("rank*.json"):
             r = json.loads(f.read_text())
             reports[r["rank"]] = r
-        if len(reports) >= world:
+        if len(reports) >= world or time.time() >= deadline:
             break
         time.sleep(0.5)
     nodes = rank_nodes(environ)
@@ -87,6 +95,11 @@ def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = 
     if fatal:
         return [], fatal[0]["error"], True
     own = [r for r in reports.values() if not r["collective"]]
+    for end in dead if not own else ():
+        killed = [t for t in end.tasks if t not in reports]
+        if killed:
+            own = [{"rank": t, "node": end.node, "error": f"rank {t} on {end.node}: {end.what} (srun)"} for t in killed]
+            break
     blamed = own or [{"rank": k, "node": nodes[k] if k < len(nodes) else "", "error": "the process died"}
                      for k in range(world) if k not in reports]
     names = sorted({r["node"] or (nodes[r["rank"]] if r["rank"] < len(nodes) else "") for r in blamed} - {""})
@@ -111,7 +124,7 @@ def slurm_times(job_id: str) -> tuple[float | None, float | None]:
 
 
 def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
-    """Rank 0: write the decision to the ledger, then carry it out."""
+    """The supervisor: write the decision to the ledger, then carry it out."""
     led = ledger_path(run_dir)
     job_id = environ.get("SLURM_JOB_ID", "")
     for node in action.exclude:
@@ -165,75 +178,163 @@ def stop_failed_run(run_dir: Path, message: str, environ=os.environ) -> None:
     print(f"pixeldiff: {message}; not retried (another job would fail the same way)", flush=True)
 
 
-def job_main(run_dir: Path, environ=os.environ) -> str:
-    """Every task of a Slurm job: train, then (rank 0) decide what comes next."""
+def step_dir(run_dir: Path, what: str, environ=os.environ) -> Path:
+    """jobs/<what>-JOB-RESTART/: per job run, what the ranks leave for the supervisor (pids, rank 0's end reason)."""
+    return Path(run_dir) / "jobs" / f"{what}-{environ.get('SLURM_JOB_ID', 'local')}-{environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def write_json(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, path)
+
+
+def rank_main(run_dir: Path, environ=os.environ) -> int:
+    """One task of the training step: train, report. -> exit status (0: the trainer returned its end reason)."""
     from pixeldiff import distributed
     from pixeldiff.checkpoint import CheckpointError
     from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, run_job
 
     run_dir = Path(run_dir)
-    env = distributed.env_from(environ)
-    m = load_resolved(run_dir / "manifest.yaml")
-    job_end = None
-    if env.rank == 0 and environ.get("SLURM_JOB_ID"):
-        start, job_end = slurm_times(environ["SLURM_JOB_ID"])
-        if job_end:
-            os.environ["PIXELDIFF_DEADLINE"] = str(job_end)
-        if start:
-            os.environ["PIXELDIFF_JOB_START"] = str(start)
+    rank = distributed.env_from(environ).rank
+    node = environ.get("SLURMD_NODENAME", "")
+    write_json(step_dir(run_dir, "ranks", environ) / f"rank{rank:05d}.json", {"rank": rank, "node": node, "pid": os.getpid()})
     bad = environ.get("PIXELDIFF_TEST_FAIL_NODES", "").split(",")  # test hook: ranks on these nodes fail at start-up
     try:
-        if environ.get("SLURMD_NODENAME") in bad:
-            raise RuntimeError(f"injected start-up failure on {environ['SLURMD_NODENAME']} (PIXELDIFF_TEST_FAIL_NODES)")
-        # the trainer's flag-setting handlers stay to the end: a late TERM (the requeue's kill) must not cut `act` short
+        if node in bad:
+            raise RuntimeError(f"injected start-up failure on {node} (PIXELDIFF_TEST_FAIL_NODES)")
+        # the trainer's flag-setting handlers stay to the end: a late signal must not cut its last writes short
         reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
-    except KeyboardInterrupt:
-        raise
     except (ConfigError, DataError, CheckpointError, RunLocked) as e:  # another job would fail the same way
-        report_failure(run_dir, env.rank, e, environ, fatal=True)
-        if env.rank == 0:
-            stop_failed_run(run_dir, f"{type(e).__name__}: {e}", environ)
-        raise
-    except Exception as e:
-        report_failure(run_dir, env.rank, e, environ)
-        if env.rank == 0:
-            nodes, first, fatal = failed_nodes(run_dir, env.world_size, environ)
-            if fatal:
-                stop_failed_run(run_dir, first, environ)
-                raise
-            led = ledger_path(run_dir)
-            events = events_of(run_dir)
-            failures = 1 + sum(1 for ev in since_last(events, "checkpoint_saved") if ev["event"] == "job_failed")
-            append_event(led, "job_failed", job_id=environ.get("SLURM_JOB_ID", ""), node=nodes[0] if nodes else None,
-                         nodes=nodes, message=first, failures=failures)
-            close_own_segment(run_dir, f"failed: {first}", environ)
-            jobs = plan_jobs(m)
-            action = next_action(m, events, f"failed: {first}", time.time(), job_end, jobs["max_timeouts"],
-                                 jobs["signal_lead_s"], tuple(nodes))
-            act(run_dir, m, action, environ)
-        raise
-    if env.rank == 0 and environ.get("SLURM_JOB_ID"):
-        jobs = plan_jobs(m)
-        action = next_action(m, events_of(run_dir), reason, time.time(), job_end, jobs["max_timeouts"],
-                             jobs["signal_lead_s"])
-        act(run_dir, m, action, environ)
-    return reason
+        report_failure(run_dir, rank, e, environ, fatal=True)
+        print(f"pixeldiff: rank {rank}: {type(e).__name__}: {e}", flush=True)
+        return 1
+    except Exception as e:  # noqa: BLE001  (reported for the supervisor, with the traceback in this task's log)
+        report_failure(run_dir, rank, e, environ)
+        traceback.print_exc()
+        return 1
+    if rank == 0:
+        write_json(step_dir(run_dir, "ranks", environ) / "end.json", {"reason": reason, "time": time.time()})
+    return 0
+
+
+def srun_command(m: Manifest, run_dir: Path, cpus_per_task: int, python: str = sys.executable) -> list[str]:
+    """The training step: every task of the job, one GPU each, a dead task ends the step; output per task in
+    submitit's folder (jobs/JOB/JOB_TASK_log.out, task 0 beside the supervisor's lines)."""
+    c = m.cluster
+    out = Path(run_dir) / "jobs" / "%j" / "%j_%t_log.out"
+    argv = ["srun", "--kill-on-bad-exit=1", "--unbuffered", f"--nodes={c.nodes}", f"--ntasks={c.nodes * c.gpus_per_node}",
+            f"--ntasks-per-node={c.gpus_per_node}", "--gpus-per-task=1", f"--output={out}", "--open-mode=append"]
+    if cpus_per_task:
+        argv.append(f"--cpus-per-task={cpus_per_task}")  # Slurm 22.05's srun does not take it from the job
+    return argv + [python, "-u", "-m", RANK_MODULE, str(run_dir)]
+
+
+def step_environment(m: Manifest, environ, start: float | None, end: float | None, cpus_per_task: int) -> dict:
+    env = dict(environ)
+    if end:
+        env["PIXELDIFF_DEADLINE"] = str(end)
+    if start:
+        env["PIXELDIFF_JOB_START"] = str(start)
+    if "OMP_NUM_THREADS" not in env:  # the CPUs the data workers and the pin-memory thread do not use
+        env["OMP_NUM_THREADS"] = str(max(1, (cpus_per_task or 1) - m.data.workers - 1))
+    return env
+
+
+class NotedSignals:
+    """The supervisor's handlers: a TERM/INT/USR2 that reaches it is noted, not obeyed (it must outlive srun)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            signal.signal(s, self._note)
+
+    def _note(self, signum, frame):
+        self.seen.append(signal.Signals(signum).name)
+        print(f"pixeldiff: supervisor got {signal.Signals(signum).name}; waiting for the training step", flush=True)
+
+
+def run_step(argv: list[str], env: dict) -> tuple[int, list[str]]:
+    """Run srun; its own stderr lines are echoed to this log and returned (they name the tasks that died)."""
+    print(f"pixeldiff: starting the training step: {' '.join(argv)}", flush=True)
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+    lines: list[str] = []
+
+    def pump():
+        for line in p.stderr:
+            lines.append(line.rstrip("\n"))
+            print(line, end="", flush=True)
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    rc = p.wait()
+    t.join(timeout=10)
+    print(f"pixeldiff: the training step ended with exit status {rc}", flush=True)
+    return rc, lines
+
+
+def supervise(run_dir: Path, environ=os.environ) -> str:
+    """The batch step: start the training step, wait for it, decide what comes next. -> the segment's end reason."""
+    from slurm.parse import parse_srun_errors
+
+    run_dir = Path(run_dir)
+    m = load_resolved(run_dir / "manifest.yaml")
+    noted = NotedSignals()
+    start, job_end = slurm_times(environ["SLURM_JOB_ID"])
+    cpus = int(environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
+    rc, lines = run_step(srun_command(m, run_dir, cpus), step_environment(m, environ, start, job_end, cpus))
+    end = step_dir(run_dir, "ranks", environ) / "end.json"
+    jobs = plan_jobs(m)
+    if end.exists():
+        reason = json.loads(end.read_text())["reason"]
+        if rc:
+            print(f"pixeldiff: rank 0 ended the segment ({reason}) but the step's exit status is {rc}", flush=True)
+        act(run_dir, m, next_action(m, events_of(run_dir), reason, time.time(), job_end, jobs["max_timeouts"],
+                                    jobs["signal_lead_s"]), environ)
+        return reason
+    world = m.cluster.nodes * m.cluster.gpus_per_node
+    nodes, first, fatal = failed_nodes(run_dir, world, {**environ, "SLURM_NTASKS": str(world)},
+                                       dead=tuple(parse_srun_errors(lines)))
+    if not first or first == "unknown error":
+        first = f"the training step ended with exit status {rc} and no report" + (
+            f" (the job got {', '.join(noted.seen)})" if noted.seen else "")
+    if fatal:
+        stop_failed_run(run_dir, first, environ)
+        raise RuntimeError(first)
+    events = events_of(run_dir)
+    failures = 1 + sum(1 for ev in since_last(events, "checkpoint_saved") if ev["event"] == "job_failed")
+    append_event(ledger_path(run_dir), "job_failed", job_id=environ.get("SLURM_JOB_ID", ""),
+                 node=nodes[0] if nodes else None, nodes=nodes, message=first, failures=failures, exit_status=rc)
+    close_own_segment(run_dir, f"failed: {first}", environ)
+    action = next_action(m, events_of(run_dir), f"failed: {first}", time.time(), job_end, jobs["max_timeouts"],
+                         jobs["signal_lead_s"], tuple(nodes))
+    act(run_dir, m, action, environ)
+    raise RuntimeError(f"the training step failed: {first}")
 
 
 class TrainJob:
-    """What submitit pickles and runs on every task. `checkpoint()` makes it requeueable by submitit."""
+    """What submitit pickles and runs once per job, in the batch step: the supervisor. `checkpoint()` keeps it
+    requeueable by submitit's own USR2 handler (only if a USR2 reaches the batch step before ours are installed)."""
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
     def __call__(self) -> str:
         sys.stdout.reconfigure(line_buffering=True)
-        return job_main(Path(self.run_dir))
+        return supervise(Path(self.run_dir))
 
     def checkpoint(self, *args, **kwargs):
-        # submitit calls this from its USR2 handler (only before the trainer installs its own): the run directory
-        # holds everything, so the requeued job is the same job
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m launcher.job RUN_DIR  (one rank of a training step, started by the supervisor's srun)",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.exit(rank_main(Path(sys.argv[1])))

@@ -9,7 +9,7 @@
   `cluster.max_failures` jobs in a row failed without saving a checkpoint;
 - cancelled (`pixeldiff-launch cancel`): nothing.
 `time_limit_min` sizes the next job to the budget; `excluded_nodes` are the manifest's and the
-ledger's. launcher/job.py carries the decision out; launcher/submit.py submits.
+ledger's; `cpus_per_task` gives each task its share of a node's CPUs. launcher/job.py carries the decision out; launcher/submit.py submits.
 """
 
 from __future__ import annotations
@@ -36,6 +36,22 @@ def excluded_nodes(m: Manifest, events: list[dict]) -> list[str]:
         if e["event"] == "node_excluded" and e["node"] not in nodes:
             nodes.append(e["node"])
     return nodes
+
+
+def min_cpus_per_task(m: Manifest) -> int:
+    """What one task needs: its training process, the pin-memory thread, and its data workers."""
+    return m.data.workers + 2
+
+
+def cpus_per_task(m: Manifest, nodes: list | None, exclude: list[str] = ()) -> int:
+    """`cluster.cpus_per_task`, or when 0 the smallest usable node's CPUs (sinfo's NodeInfo list, of the partition)
+    divided by the tasks per node; without node information, the data workers + 2 (`min_cpus_per_task`)."""
+    if m.cluster.cpus_per_task:
+        return m.cluster.cpus_per_task
+    cpus = [n.cpus for n in nodes or () if n.name not in exclude and n.cpus > 0]
+    if not cpus:
+        return min_cpus_per_task(m)
+    return max(1, min(cpus) // max(1, m.cluster.gpus_per_node))
 
 
 def time_limit_min(m: Manifest, events: list[dict], now: float) -> int:

@@ -82,8 +82,10 @@ class Slurm:
 
         return self._cached(("accounting", ids), ask)
 
-    def nodes(self) -> list[NodeInfo]:
-        return parse_sinfo(self.run(["sinfo", "--noheader", "--Node", f"--format={SINFO_FORMAT}"]))
+    def nodes(self, partition: str | None = None) -> list[NodeInfo]:
+        """Every node (of `partition`, when given) with its state, CPUs and GPUs, from sinfo."""
+        where = ["--partition", partition] if partition else []
+        return parse_sinfo(self.run(["sinfo", "--noheader", "--Node", *where, f"--format={SINFO_FORMAT}"]))
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as key -> value (EndTime, RunTime, TimeLimit, NodeList, Reason, ...)."""

@@ -1,5 +1,6 @@
 """Pure parsers of Slurm command output (no subprocess here): text in, slurm.types records out.
 
+srun's own stderr lines (`srun: error: node2: task 3: Killed`) say which tasks of a step ended badly.
 The squeue/sacct/sinfo formats are the explicit ones slurm.commands asks for (SQUEUE_FORMAT, SACCT_FIELDS,
 SINFO_FORMAT); scontrol's `Key=Value` output is parsed generically. Times are local wall-clock strings
 (`2026-11-27T23:45:01`) turned into Unix seconds; "Unknown"/"None" become None.
@@ -11,7 +12,7 @@ import re
 import time
 
 from slurm.nodelist import expand
-from slurm.types import AcctRecord, NodeInfo, QueueEntry
+from slurm.types import AcctRecord, NodeInfo, QueueEntry, TaskEnd
 
 _NO_TIME = {"", "Unknown", "None", "N/A", "(null)"}
 _NO_LIMIT = {"UNLIMITED", "NOT_SET", "INVALID", "Partition_Limit", "N/A", ""}
@@ -213,3 +214,28 @@ def node_from_scontrol(record: dict[str, str]) -> NodeInfo:
     return NodeInfo(name=record["NodeName"], state=_LONG_STATES.get(state, state), cpus=int(record.get("CPUTot", 0)),
                     gpus=gres_gpus(record.get("Gres", "")), reason=record.get("Reason", "").strip(),
                     extra={"flags": flags} if flags else {})
+
+
+# ---------------------------------------------------------------- srun
+
+_SRUN_TASKS = re.compile(r"^srun: error: (?P<node>[^:\s]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+?)\s*$")
+
+
+def _task_ids(text: str) -> list[int]:
+    """`3` `0-1` `0,2-3` -> [3] [0, 1] [0, 2, 3]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def parse_srun_errors(lines) -> list[TaskEnd]:
+    """srun's stderr lines -> the tasks that ended badly, in srun's order (the first names the first to die).
+    Lines that are not task ends (step cancelled, Job step aborted, the tasks' own output) are skipped."""
+    out = []
+    for line in lines:
+        m = _SRUN_TASKS.match(line.strip())
+        if m:
+            out.append(TaskEnd(node=m["node"], tasks=_task_ids(m["tasks"]), what=m["what"]))
+    return out

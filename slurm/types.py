@@ -52,3 +52,13 @@ class NodeInfo:
     gpus: int
     reason: str = ""
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    """One `srun: error: NODE: task(s) N: WHAT` line: tasks of a step that ended badly (the first line names the
+    first to die; --kill-on-bad-exit then ends the others)."""
+
+    node: str
+    tasks: list[int]
+    what: str  # "Killed", "Exited with exit code 1", "Terminated", ...

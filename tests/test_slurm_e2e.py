@@ -29,6 +29,8 @@ def launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.Compl
 
 
 def start(runs: Path, name: str, env: dict, *sets: str) -> Path:
+    # one CPU per task, not the default share of the node (8 CPUs / 2 tasks): the runs share the 4 dev nodes
+    sets = ("cluster.cpus_per_task=1", *sets)
     out = launch(["run", MANIFEST, "--detach", "--runs-dir", runs, "--set", f"name={name}", *sum((["--set", s] for s in sets), [])], env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "submitted Slurm job" in out.stdout, out.stdout

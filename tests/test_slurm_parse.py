@@ -15,8 +15,8 @@ import pytest
 from slurm.commands import SACCT_FIELDS
 from slurm.nodelist import compress, expand
 from slurm.parse import (gres_gpus, job_times, node_from_scontrol, parse_duration, parse_sacct, parse_scontrol_record,
-                         parse_scontrol_records, parse_sinfo, parse_squeue, parse_time, tres_count)
-from slurm.types import AcctRecord, NodeInfo, QueueEntry
+                         parse_scontrol_records, parse_sinfo, parse_squeue, parse_srun_errors, parse_time, tres_count)
+from slurm.types import AcctRecord, NodeInfo, QueueEntry, TaskEnd
 
 DATA = Path(__file__).parent / "data" / "slurm"
 T0 = 1795822489  # 2026-11-27T23:34:49 UTC: every job of the capture was submitted then
@@ -208,3 +208,21 @@ def test_scontrol_node_with_flags_and_reason():
            "   Reason=bad gpu 3 [root@2026-11-27T23:00:00]\n"
     assert node_from_scontrol(parse_scontrol_record(text)) == NodeInfo(
         "node2", "idle", 8, 8, "bad gpu 3 [root@2026-11-27T23:00:00]", {"flags": "DRAIN"})
+
+
+@pytest.mark.parametrize("capture, first, rest", [
+    # captured on the dev cluster: `kill -9` of task 3 (node2) under srun --kill-on-bad-exit=1
+    ("srun_task_killed.txt", TaskEnd("node2", [3], "Killed"), []),
+    # task 1 exits 1: srun terminates the others (they are victims, listed after it)
+    ("srun_task_exited.txt", TaskEnd("node1", [1], "Exited with exit code 1"),
+     [TaskEnd("node1", [0], "Terminated"), TaskEnd("node2", [2, 3], "Terminated")]),
+])
+def test_srun_errors_name_the_first_task_to_die(capture, first, rest):
+    assert parse_srun_errors(read(capture).splitlines()) == [first, *rest]
+
+
+def test_srun_error_task_lists():
+    lines = ["srun: error: gpu-a07: tasks 0,2-3,8: Killed", "some task output: error: x: task 1: y",
+             "srun: error: n01-ib: task 12: Segmentation fault (core dumped)"]
+    assert parse_srun_errors(lines) == [TaskEnd("gpu-a07", [0, 2, 3, 8], "Killed"),  # task output is not srun's
+                                        TaskEnd("n01-ib", [12], "Segmentation fault (core dumped)")]

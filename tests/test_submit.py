@@ -120,7 +120,7 @@ def test_failed_nodes_blames_the_rank_with_its_own_error(tmp_path):
     report_failure(tmp_path, 2, RuntimeError("CUDA error: an illegal memory access"), {**env, "SLURMD_NODENAME": "node2"})
     for r in (0, 1):
         report_failure(tmp_path, r, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
-    nodes, first, fatal = failed_nodes(tmp_path, 4, env, wait_s=0.5)  # rank 3 reported nothing, rank 2 its own error
+    nodes, first, fatal = failed_nodes(tmp_path, 4, env)  # rank 3 reported nothing, rank 2 its own error
     assert nodes == ["node2"] and "illegal memory access" in first and not fatal
 
 
@@ -128,7 +128,7 @@ def test_failed_nodes_blames_a_rank_that_died_silently(tmp_path):
     env = {"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NODELIST": "node[3-4]", "SLURM_NTASKS": "4"}
     for r in (0, 1, 2):
         report_failure(tmp_path, r, RuntimeError("Connection reset by peer"), env)
-    nodes, first, fatal = failed_nodes(tmp_path, 4, env, wait_s=0.5)
+    nodes, first, fatal = failed_nodes(tmp_path, 4, env)
     assert nodes == ["node4"] and "3" in first and "died" in first and not fatal
     assert json.loads((tmp_path / "jobs" / "failures-9-1" / "rank00000.json").read_text())["collective"] is True
 
@@ -156,11 +156,11 @@ def test_an_error_on_every_node_or_a_fatal_one_blames_no_node(tmp_path):
     env = {"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "0", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "2"}
     for r, node in ((0, "node1"), (1, "node2")):  # e.g. a micro-batch too large for every GPU
         report_failure(tmp_path, r, RuntimeError("CUDA out of memory"), {**env, "SLURMD_NODENAME": node})
-    assert failed_nodes(tmp_path, 2, env, wait_s=0.5) == ([], "RuntimeError: CUDA out of memory", False)
+    assert failed_nodes(tmp_path, 2, env) == ([], "RuntimeError: CUDA out of memory", False)
     env["SLURM_RESTART_COUNT"] = "1"  # a rank's data error is the data's, not its node's: stop, blame no one
     report_failure(tmp_path, 0, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
     report_failure(tmp_path, 1, ValueError("too many bad samples"), {**env, "SLURMD_NODENAME": "node2"}, fatal=True)
-    nodes, first, fatal = failed_nodes(tmp_path, 2, env, wait_s=0.5)
+    nodes, first, fatal = failed_nodes(tmp_path, 2, env)
     assert (nodes, fatal) == ([], True) and "bad samples" in first
 
 
@@ -176,3 +176,45 @@ def test_a_submission_from_inside_a_job_does_not_carry_the_job_environment(monke
         assert not any(k in os.environ for k in ("SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT", "PIXELDIFF_DEADLINE",
                                                  "SLURMD_NODENAME"))
     assert os.environ["SLURM_JOB_ID"] == "7" and os.environ["MASTER_ADDR"] == "node1"  # restored afterwards
+
+
+def test_the_training_step_is_one_srun_that_a_dead_task_ends(tmp_path):
+    from launcher.job import srun_command, step_environment
+
+    m = manifest()  # 2 nodes x 2 tasks
+    argv = srun_command(m, tmp_path, 4, python="/venv/bin/python")
+    assert argv[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert {"--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "--gpus-per-task=1", "--cpus-per-task=4",
+            f"--output={tmp_path}/jobs/%j/%j_%t_log.out"} <= set(argv)
+    assert argv[-5:] == ["/venv/bin/python", "-u", "-m", "launcher.job", str(tmp_path)]
+    assert "--cpus-per-task" not in " ".join(srun_command(m, tmp_path, 0))
+    env = step_environment(m, {"PATH": "/bin"}, 100.0, 200.0, 8)
+    assert (env["PIXELDIFF_JOB_START"], env["PIXELDIFF_DEADLINE"]) == ("100.0", "200.0")
+    assert env["OMP_NUM_THREADS"] == str(8 - m.data.workers - 1) and env["PATH"] == "/bin"
+    assert step_environment(m, {"OMP_NUM_THREADS": "3"}, None, None, 8)["OMP_NUM_THREADS"] == "3"  # the manifest's
+    assert "PIXELDIFF_DEADLINE" not in step_environment(m, {}, None, None, 1)
+
+
+def test_cpus_per_task_defaults_to_the_nodes_share_or_workers_plus_two():
+    from launcher.policy import cpus_per_task
+    from slurm.parse import parse_sinfo
+
+    m = load_manifest(Path("manifests/speedrun.yaml"), ["cluster.cpus_per_task=0"])  # 8 tasks per node
+    nodes = parse_sinfo("gpu-a[01-03]|idle|128|gpu:h200:8|none\ngpu-a04|mix|96|gpu:h200:8|none\n")
+    assert cpus_per_task(m, nodes) == 12  # the smallest node: 96 / 8
+    assert cpus_per_task(m, nodes, exclude=["gpu-a04"]) == 16  # an excluded node does not count
+    assert cpus_per_task(m, None) == cpus_per_task(m, []) == m.data.workers + 2  # sinfo could not say
+    m1 = load_manifest(Path("manifests/speedrun.yaml"), ["cluster.cpus_per_task=3"])
+    assert cpus_per_task(m1, nodes) == 3  # the manifest's own number wins
+
+
+def test_failed_nodes_blames_the_first_task_srun_saw_die(tmp_path):
+    from slurm.types import TaskEnd
+
+    env = {"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NTASKS": "4"}
+    report_failure(tmp_path, 0, RuntimeError("Connection closed by peer"), {**env, "SLURMD_NODENAME": "node1"})
+    dead = (TaskEnd("node1", [0], "Exited with exit code 1"),  # a victim (it reported a collective error) ...
+            TaskEnd("node2", [3], "Killed"), TaskEnd("node1", [1], "Terminated"), TaskEnd("node2", [2], "Terminated"))
+    nodes, first, fatal = failed_nodes(tmp_path, 4, env, dead=dead)  # ... listed before the task that died
+    assert nodes == ["node2"] and "rank 3 on node2: Killed" in first and not fatal
+    assert failed_nodes(tmp_path, 4, env, dead=(TaskEnd("node1", [1], "Killed"),))[0] == ["node1"]
