@@ -1,12 +1,16 @@
 """Benchmark the shard pipeline against decode-only, from local disk and from S3.
 
-    python tools/bench_data.py [--images 512] [--size 768x640] [--res 512] [--workers 1] [--s3]
+    python tools/bench_data.py [--images 512] [--size 768x640] [--res 512] [--workers 1] [--shuffle-buffer 1000] [--s3]
 
 Writes JPEG shards of random-texture images to a temporary directory, then prints
 samples/s per worker for:
   decode-only   the same decode/resize/crop (`decode_sample`) on bytes already in memory,
                 one process: the limit the pipeline can reach;
-  local         ShardSource over the local shards with --workers DataLoader workers;
+  local         ShardSource over the local shards with --workers DataLoader workers, in shard order
+                (data.shuffle_buffer 0);
+  local+shuffle the same with --shuffle-buffer windows, over two epochs so that whole windows (filled,
+                then decoded in their seeded order) are inside the timing; its ratio to `local`, same run,
+                is the cost of the shuffle;
   s3            the same shards uploaded to a moto S3 server on 127.0.0.1 (with --s3;
                 needs moto[server] and s3fs).
 and each pipeline row's ratio to decode-only, measured in the same run.
@@ -73,8 +77,9 @@ def decode_only(images: list[bytes], res: int, repeats: int = 2) -> float:
     return best
 
 
-def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None) -> float:
-    cfg = DataConfig(source="webdataset", shards=shards, workers=workers, prefetch=4, s3=s3 or S3Config())
+def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None, shuffle: int = 0) -> float:
+    cfg = DataConfig(source="webdataset", shards=shards, workers=workers, prefetch=4, s3=s3 or S3Config(),
+                     shuffle_buffer=shuffle)
     src = ShardSource(cfg, TextConfig())
     micro = 16
     it = src.batches(res, micro)
@@ -93,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--res", type=int, default=512)
     ap.add_argument("--per-shard", type=int, default=64)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--shuffle-buffer", type=int, default=1000, help="data.shuffle_buffer of the local+shuffle row")
     ap.add_argument("--s3", action="store_true", help="also read through a moto S3 server on 127.0.0.1")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.split("x"))
@@ -106,7 +112,9 @@ def main(argv=None):
         paths = write_shards(Path(tmp), images, args.per_shard)
         base = decode_only(images, args.res)
         rows.append(("decode-only", base))
-        rows.append(("local", pipeline([str(p) for p in paths], args.images, args.res, args.workers)))
+        local = [str(p) for p in paths]
+        rows.append(("local", pipeline(local, 2 * args.images, args.res, args.workers)))
+        rows.append(("local+shuffle", pipeline(local, 2 * args.images, args.res, args.workers, shuffle=args.shuffle_buffer)))
         if args.s3:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from s3server import DUMMY_ENV, create_bucket, s3_client, start_moto
@@ -122,10 +130,11 @@ def main(argv=None):
                 rows.append(("s3 (moto)", pipeline(urls, args.images, args.res, args.workers, S3Config(endpoint_url=url))))
             finally:
                 stop()
-    print(f"{'source':<14}{'samples/s/worker':>18}{'vs decode-only':>16}")
-    print("-" * 48)
+    print(f"{'source':<14}{'samples/s/worker':>18}{'vs decode-only':>16}{'vs local':>10}")
+    print("-" * 58)
+    plain = rows[1][1]
     for name, rate in rows:
-        print(f"{name:<14}{rate:>18.1f}{rate / base:>15.0%}")
+        print(f"{name:<14}{rate:>18.1f}{rate / base:>15.0%}{rate / plain:>9.0%}")
 
 
 if __name__ == "__main__":
