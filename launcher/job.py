@@ -190,6 +190,29 @@ def write_json(path: Path, rec: dict) -> None:
     os.replace(tmp, path)
 
 
+class EarlySignals:
+    """A rank's start-up (imports, before the trainer installs its handlers): a USR2/TERM/INT then (a cancel, a
+    preemption) is noted instead of killing the process, and sent again once the trainer's own handlers are in."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.seen: list[int] = []
+        for s in self.SIGNALS:
+            signal.signal(s, self._note)
+        threading.Thread(target=self._hand_over, daemon=True).start()
+
+    def _note(self, signum, frame):
+        self.seen.append(signum)
+
+    def _hand_over(self):
+        while all(signal.getsignal(s) == self._note for s in self.SIGNALS):
+            time.sleep(0.2)
+        time.sleep(0.2)  # the trainer installs its handlers one after the other
+        for s in dict.fromkeys(self.seen):
+            os.kill(os.getpid(), s)
+
+
 def rank_main(run_dir: Path, environ=os.environ) -> int:
     """One task of the training step: train, report. -> exit status (0: the trainer returned its end reason)."""
     from pixeldiff import distributed
@@ -337,4 +360,5 @@ if __name__ == "__main__":
               file=sys.stderr)
         sys.exit(2)
     sys.stdout.reconfigure(line_buffering=True)
+    EarlySignals()
     sys.exit(rank_main(Path(sys.argv[1])))

@@ -65,6 +65,11 @@ def make_plan(m: Manifest) -> dict:
     if total_gpu_hours is not None and cap is not None and total_gpu_hours > cap * (1 + 1e-9):
         warnings.append(f"the stages need {total_gpu_hours:.1f} GPU-hours but the budget allows {cap:.1f}: "
                         f"the run will stop before the last stage ends")
+    need = m.data.workers + 2  # the training process, the pin-memory thread and the data workers
+    if m.cluster.backend == "slurm" and m.cluster.cpus_per_task and m.cluster.cpus_per_task < need:
+        warnings.append(f"cluster.cpus_per_task is {m.cluster.cpus_per_task} but each task runs {m.data.workers} data "
+                        f"workers besides its training process and pin-memory thread: give it at least {need} "
+                        f"(or 0 for the node's CPUs / tasks per node), or lower data.workers")
     if len(known) < len(rows):
         warnings.append("no throughput estimate (stages[].est_img_per_s_per_gpu) for some stages: hours and cost unknown")
     binding = None

@@ -48,7 +48,7 @@ class ClusterConfig:
     startup_timeout_s: float = 1800.0
     collective_timeout_s: float = 300.0
     # Slurm job control (the launcher)
-    cpus_per_task: int = 0  # 0 = the partition's default
+    cpus_per_task: int = 0  # 0 = the smallest partition node's CPUs / tasks per node (sinfo), else data.workers + 2
     exclude: list[str] = field(default_factory=list)  # nodes never to use, e.g. ["gpu-a07"]
     signal_lead_s: int = 0  # USR2 this many seconds before the time limit; 0 = from the plan
     max_timeouts: int = 0  # requeues after a time limit; 0 = from the plan (2 x segments + 2)

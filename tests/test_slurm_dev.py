@@ -192,3 +192,13 @@ def test_time_limit_warns_with_usr2_then_times_out(slurm_cluster, slurm, slow_jo
     started, warned = int((out / "start").read_text()), int((out / "usr2").read_text())
     assert 0 <= warned - started <= 60  # USR2@45 may arrive up to 60 s early (SLURM-DEV-FACTS.md)
     assert 60 <= rec[0].elapsed_s <= 95 and rec[0].alloc_gpus == 1
+
+
+def test_cpus_per_task_defaults_to_the_dev_nodes_share(slurm_cluster, slurm):
+    from launcher.manifest import load_manifest
+    from launcher.policy import cpus_per_task
+
+    nodes = slurm.nodes(slurm_cluster.partition)
+    assert [n.name for n in nodes] == list(slurm_cluster.nodes) and slurm.nodes("no-such-partition") == []
+    m = load_manifest(REPO / "manifests" / "devcluster.yaml", ["cluster.cpus_per_task=0"])  # 2 tasks per node
+    assert cpus_per_task(m, nodes) == 8 // 2

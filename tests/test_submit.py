@@ -218,3 +218,32 @@ def test_failed_nodes_blames_the_first_task_srun_saw_die(tmp_path):
     nodes, first, fatal = failed_nodes(tmp_path, 4, env, dead=dead)  # ... listed before the task that died
     assert nodes == ["node2"] and "rank 3 on node2: Killed" in first and not fatal
     assert failed_nodes(tmp_path, 4, env, dead=(TaskEnd("node1", [1], "Killed"),))[0] == ["node1"]
+
+
+def test_a_signal_during_a_ranks_start_up_reaches_the_trainers_handler_once_it_is_installed():
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time, sys\n"
+            "from launcher.job import EarlySignals\n"
+            "EarlySignals()\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"  # a cancel's USR2 before the trainer is ready: not fatal
+            "time.sleep(0.5)\n"
+            "got = []\n"
+            "signal.signal(signal.SIGUSR2, lambda s, f: got.append(s))\n"  # the trainer's flag-setting handler
+            "time.sleep(1.5)\n"
+            "print(got)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == f"[{int(signal.SIGUSR2)}]", out.stdout + out.stderr
+
+
+def test_plan_warns_when_a_task_gets_fewer_cpus_than_its_data_workers_need():
+    def warns(*sets):
+        p = make_plan(load_manifest(Path("manifests/speedrun.yaml"), list(sets)))
+        return [w for w in p["warnings"] if "cpus_per_task" in w]
+
+    assert warns("cluster.cpus_per_task=0") == []  # the node's share, known at submission
+    assert warns("cluster.cpus_per_task=6", "data.workers=4") == []
+    (w,) = warns("cluster.cpus_per_task=1", "data.workers=4")
+    assert "is 1" in w and "at least 6" in w
