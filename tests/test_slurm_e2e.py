@@ -139,6 +139,76 @@ def test_cancel_checkpoints_then_cancels_and_nothing_requeues(runs):
     assert status.returncode == 4 and json.loads(status.stdout)["state"] == "cancelled", status.stdout
 
 
+def current_ranks(run_dir: Path) -> dict[int, dict]:
+    """The running step's ranks ({rank: {"node", "pid"}}), from what launcher.job's rank entry point writes."""
+    seg = [e for e in events(run_dir) if e["event"] == "segment_start"][-1]
+    d = run_dir / "jobs" / f"ranks-{seg['job_id']}-{seg.get('restart', 0)}"
+    return {r["rank"]: r for r in (json.loads(f.read_text()) for f in d.glob("rank*.json"))}
+
+
+def test_a_killed_rank_ends_the_step_and_the_run_finishes_without_its_node(runs):
+    """SIGKILL of one rank mid-step (no Python exception, no report), on the second node in one run and rank 0 in
+    another: srun --kill-on-bad-exit ends the step, the supervisor blames the node, excludes it and resubmits."""
+    import os
+    import signal
+
+    sets = ("cluster.gpus_per_node=1", "stages[0].steps=100", "stages[1].steps=20")  # 2 nodes x 1 task, 120 steps
+    dirs = {rank: start(runs["base"], f"e2e-kill-rank{rank}", runs["env"], *sets) for rank in (1, 0)}
+    killed = {}
+    for rank, run_dir in dirs.items():
+        wait_until(run_dir, lambda ev: any(e["event"] == "checkpoint_saved" for e in ev), 240, "a first checkpoint")
+        ranks = current_ranks(run_dir)
+        assert len(ranks) == 2 and ranks[0]["node"] != ranks[1]["node"], ranks
+        assert not over(events(run_dir)) and [e for e in events(run_dir) if e["event"] in ("segment_start", "segment_end")][-1]["event"] == "segment_start"
+        os.kill(ranks[rank]["pid"], signal.SIGKILL)
+        killed[rank] = (time.time(), ranks[rank]["node"])
+    for rank, run_dir in dirs.items():
+        t_kill, node = killed[rank]
+        ev = wait_until(run_dir, lambda ev: any(e["event"] == "job_failed" for e in ev), 90, "the failed step's report")
+        failed = [e for e in ev if e["event"] == "job_failed"][0]
+        print(f"rank {rank} killed on {node}: job_failed {failed['time'] - t_kill:.1f} s later: {failed['message']}")
+        assert failed["time"] - t_kill < 60, explain(run_dir)
+        assert failed["node"] == node and failed["nodes"] == [node], explain(run_dir)
+        assert f"rank {rank} on {node}: Killed" in failed["message"]
+        assert any(e["event"] == "node_excluded" and e["node"] == node for e in ev)
+    for rank, run_dir in dirs.items():
+        node = killed[rank][1]
+        ev = wait_until(run_dir, over, 360, "the end of the run after the failure")
+        ends = [e for e in ev if e["event"] == "segment_end"]
+        assert ends[-1]["reason"] == "finished" and ends[-1]["step"] == 120, explain(run_dir)
+        assert any(e["reason"].startswith("failed") for e in ends)
+        second = [e for e in ev if e["event"] == "job_submitted"][1]
+        assert node in second["exclude"]
+        starts = [e for e in ev if e["event"] == "segment_start" and e["job_id"] == second["job_id"]]
+        assert starts and node not in starts[0]["nodelist"], explain(run_dir)
+
+
+def test_scancel_term_of_a_shard_job_with_data_workers_requeues_and_resumes(runs, tmp_path):
+    """`scancel --signal=TERM` reaches every process of the step, the DataLoader workers too: the trainer stops at a
+    step boundary with a checkpoint, the supervisor requeues, and the next run resumes there."""
+    from shardutil import write_shards
+    from slurm.commands import Slurm
+
+    write_shards(tmp_path / "shards", 8, 16)
+    run_dir = start(runs["base"], "e2e-shards", runs["env"], "cluster.nodes=1", "stages[0].global_batch=8",
+                    "stages[1].global_batch=8", "stages[0].steps=250", "stages[1].steps=50", "data.source=webdataset",
+                    f"data.shards={tmp_path}/shards/train-{{000..007}}.tar", "data.workers=2")
+    ev = wait_until(run_dir, lambda ev: any(e["event"] == "checkpoint_saved" for e in ev), 240, "a first checkpoint")
+    job_id = [e for e in ev if e["event"] == "job_submitted"][-1]["job_id"]
+    Slurm(min_interval_s=0, env=runs["env"]).cancel(job_id, signal="TERM")
+    ev = wait_until(run_dir, lambda ev: any(e["event"] == "requeue_requested" for e in ev), 90, "the requeue")
+    end = [e for e in ev if e["event"] == "segment_end"][0]
+    assert end["reason"] == "signal SIGTERM", explain(run_dir)
+    assert (run_dir / "checkpoints" / f"step-{end['step']:08d}" / "COMPLETE").exists()
+    # in a 2-minute job every signal comes within lead + 90 s of the end: policy counts it as a timeout
+    assert [e for e in ev if e["event"] == "requeue_requested"][0]["kind"] in ("timeout", "preemption")
+    ev = wait_until(run_dir, over, 300, "the resumed run's end")
+    starts = [e for e in ev if e["event"] == "segment_start"]
+    assert [s["restart"] for s in starts][:2] == [0, 1] and starts[1]["step"] == end["step"], explain(run_dir)
+    assert [e for e in ev if e["event"] == "segment_end"][-1]["reason"] == "finished"
+    assert not any(e["event"] == "job_failed" for e in ev)
+
+
 def tmux_available() -> bool:
     import os
     import shutil
