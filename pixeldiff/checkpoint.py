@@ -486,9 +486,9 @@ class CheckpointManager:
         if final:
             self._report(self.saver.wait())
 
-    def poll(self) -> None:
-        """Report a background save that finished since the last call."""
-        self._report(self.saver.poll())
+    def poll(self, wait: bool = False) -> None:
+        """Report a background save that finished since the last call (`wait`: block until it has)."""
+        self._report(self.saver.wait() if wait else self.saver.poll())
 
     def _report(self, records: list[dict]) -> None:
         for r in records:

@@ -130,6 +130,12 @@ class OptimizerConfig:
     grad_clip: float = 0.2  # global gradient-norm clip; 0 = off
     ema_decay: float = 0.999
     ema_every: int = 1
+    # divergence: a step with a non-finite loss or gradient norm is skipped; after max_skipped_steps in a row,
+    # rollback (reload the last checkpoint, learning rate x rollback_lr_factor, at most max_rollbacks times) or stop
+    max_skipped_steps: int = 20
+    on_divergence: Literal["rollback", "stop"] = "rollback"
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
 
 
 @dataclass
@@ -323,6 +329,13 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"cluster: nodes and gpus_per_node must be >= 1, got {c.nodes} and {c.gpus_per_node}")
     if c.max_job_hours <= 0:
         raise ConfigError(f"cluster.max_job_hours: must be > 0, got {c.max_job_hours}")
+    o = m.optimizer
+    if o.max_skipped_steps < 1 or o.max_rollbacks < 0:
+        raise ConfigError(f"optimizer: max_skipped_steps must be >= 1 and max_rollbacks >= 0, got "
+                          f"{o.max_skipped_steps} and {o.max_rollbacks}")
+    if not 0 < o.rollback_lr_factor <= 1:
+        raise ConfigError(f"optimizer.rollback_lr_factor: must be in (0, 1] (the learning rate is multiplied by it "
+                          f"at each rollback), got {o.rollback_lr_factor}")
     for key in ("startup_timeout_s", "collective_timeout_s"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"cluster.{key}: must be > 0 seconds, got {getattr(c, key)}")

@@ -30,6 +30,7 @@ from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
 from pixeldiff.data import BatchSource, SyntheticSource
 from pixeldiff.ema import EMA
+from pixeldiff.guard import DivergenceGuard
 from pixeldiff.ledger import read_jsonl
 from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
@@ -43,7 +44,8 @@ from pixeldiff.storage import storage_options
 from pixeldiff.text import make_text_encoder
 
 
-DEADLINE_STOP, BUDGET_STOP = 1000, 1001  # stop codes above every signal number
+DEADLINE_STOP, BUDGET_STOP, DIVERGED = 1000, 1001, 1002  # stop codes above every signal number
+NAN_AT_STEP_ENV = "PIXELDIFF_TEST_NAN_AT_STEP"  # tests only: the loss of step N (1-based), or from N on ("N+"), is NaN
 SAMPLES_PER_PROMPT = 4  # images per prompt in a sample grid
 
 
@@ -139,12 +141,16 @@ class TrainState:
     step: int = 0
     stage: int = 0
     stage_ends: list | None = None  # budget.policy finish_stages
+    lr_scale: float = 1.0  # rollbacks after a divergence multiply it by optimizer.rollback_lr_factor
+    rollbacks: int = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "stage_ends": self.stage_ends}
+        return {"step": self.step, "stage": self.stage, "stage_ends": self.stage_ends, "lr_scale": self.lr_scale,
+                "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.stage, self.stage_ends = state["step"], state["stage"], state.get("stage_ends")
+        self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
 
 
 def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> BatchSource:
@@ -199,7 +205,12 @@ class Trainer:
         self.ema = EMA(self.model, m.optimizer.ema_decay, m.optimizer.ema_every)
         self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device)
         o = m.optimizer
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        # fused: one kernel, and it honours `found_inf` (a skipped step leaves weights and moments alone)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay, fused=True)
+        self.guard = DivergenceGuard(self.device, o.max_skipped_steps)
+        nan = os.environ.get(NAN_AT_STEP_ENV, "")  # "N": step N's loss once; "N+": every step from N on
+        self.nan_at, self.nan_from = int(nan.rstrip("+") or 0), nan.endswith("+")
         self.state = TrainState()
         self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
@@ -280,7 +291,7 @@ class Trainer:
         gradient norm (a device tensor)."""
         m, st = self.m, self.state
         micro, accum = micro_layout(m.stages[st.stage], self.env.world_size)
-        lr = lr_at(st.step, m.optimizer)
+        lr = lr_at(st.step, m.optimizer) * st.lr_scale
         for group in self.opt.param_groups:
             group["lr"] = lr
         total, parts = 0.0, {}
@@ -296,9 +307,14 @@ class Trainer:
                         parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
                 (loss / accum).backward()
             total = total + loss.detach().double() / accum
+        if self.nan_at and (st.step + 1 == self.nan_at or (self.nan_from and st.step + 1 >= self.nan_at)):
+            total = total * float("nan")
+            self.nan_at = self.nan_at if self.nan_from else 0  # "N": once per process (a rollback replays it)
         clip = m.optimizer.grad_clip if m.optimizer.grad_clip > 0 else float("inf")
         grad_norm = clip_gradients(list(self.model.parameters()), clip)
+        self.opt.found_inf = self.guard.found_inf(total, grad_norm)  # skipped on the device when not finite
         self.opt.step()
+        self.guard.observe(self.opt.found_inf, st.step + 1)
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
         self.ema.update(self.model, st.step)
@@ -337,13 +353,60 @@ class Trainer:
             if first:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
             self.clock.observe_step(time.perf_counter() - t0)
-            self.metrics.step(st.step, stage, out, t0, self.data.stats)
+            self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
             self.metrics.heartbeat(st.step)
             self.ckpt.poll()  # a background save that finished since the last step
-            if st.step % m.checkpoint.interval_steps == 0:
+            save = st.step % m.checkpoint.interval_steps == 0
+            if (save or st.step % m.logging.metrics_interval == 0) and self.diverged(check_weights=save):
+                if not self.roll_back():
+                    self.stop_code = DIVERGED
+                    break
+                layout = None  # the data position went back too
+                continue
+            if save:
                 self.ckpt.save(st.step)
             if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
                 self.write_samples()
+
+    def skipped(self) -> int:
+        """Steps skipped for a non-finite loss or gradient norm in this job (read at logging intervals); the ledger
+        hears of the first."""
+        n = int(self.guard.skipped.item())
+        if n and not self.guard.reported:
+            self.metrics.event("step_skipped", step=int(self.guard.first.item()), skipped=n)
+            self.log(f"WARNING: step {int(self.guard.first.item())} had a non-finite loss or gradient norm: skipped")
+        self.guard.reported = n
+        return n
+
+    def diverged(self, check_weights: bool) -> bool:
+        """All ranks: optimizer.max_skipped_steps steps in a row were skipped, or (before a save) a weight is not
+        finite. Checkpoints never hold non-finite weights."""
+        bad = self.guard.diverged()
+        if check_weights:
+            bad = bad | ~torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        return bool(distributed.agree_max(int(bad.item()), self.device))
+
+    def roll_back(self) -> bool:
+        """optimizer.on_divergence rollback: reload the last valid checkpoint, learning rate x rollback_lr_factor.
+        -> False when the run must stop instead (stop, rollbacks used up, no checkpoint yet)."""
+        st, o = self.state, self.m.optimizer
+        at, scale, count = st.step, st.lr_scale * o.rollback_lr_factor, st.rollbacks + 1
+        self.metrics.event("diverged", step=at, skipped_in_a_row=int(self.guard.streak.item()), rollbacks=st.rollbacks,
+                           action="rollback" if o.on_divergence == "rollback" and st.rollbacks < o.max_rollbacks else "stop")
+        if o.on_divergence == "stop" or st.rollbacks >= o.max_rollbacks:
+            return False
+        self.ckpt.poll(wait=True)
+        self.data.close()
+        path = self.ckpt.restore()
+        if path is None:
+            self.log(f"diverged at step {at} before the first checkpoint: nothing to roll back to")
+            return False
+        st.lr_scale, st.rollbacks = scale, count
+        self.guard.reset_streak()
+        self.metrics.event("rollback", step=at, checkpoint=path, to_step=st.step, lr_scale=scale, rollback=count)
+        self.log(f"diverged at step {at}: rolled back to {path} (step {st.step}), learning rate x{scale:g} "
+                 f"(rollback {count} of {o.max_rollbacks})")
+        return True
 
     def run(self, stop: StopFlag) -> str:
         self.restore()
@@ -377,6 +440,17 @@ class Trainer:
             if distributed.agree_max(int(last), self.device):
                 self.stop_code = BUDGET_STOP
         distributed.set_timeout(self.timeouts[0])  # the final save and grid may wait for the slowest rank
+        if self.stop_code != DIVERGED and self.diverged(check_weights=True):
+            self.stop_code = DIVERGED
+        if self.stop_code == DIVERGED:  # nothing saved: the last good checkpoint stays the one to resume from
+            self.ckpt.close()
+            last = checkpoint.latest_valid(self.ckpt.root, log=lambda _: None, storage_options=self.ckpt.storage_options)
+            reason = (f"diverged at step {st.step}: {self.m.optimizer.max_skipped_steps} steps in a row had a "
+                      f"non-finite loss or gradient norm (or the weights were not finite); last good checkpoint: "
+                      f"{last or 'none'}")
+            self.log(f"error: {reason}; lower optimizer.lr or raise optimizer.max_rollbacks, then run again")
+            self.metrics.event("segment_end", reason=f"failed: {reason}", step=st.step)
+            return "diverged"
         self.ckpt.save(st.step, final=True)  # complete, marker written, before anything else: a deadline may be near
         self.ckpt.close()
         reason = self.finish()
@@ -473,6 +547,8 @@ def exit_code(reason: str) -> int:
     """0 when the job ended as planned (finished, budget spent, or saved before its deadline); 128+N after signal N."""
     if reason in ("finished", "budget", "deadline"):
         return 0
+    if reason == "diverged":
+        return 1
     return 128 + int(signal.Signals[reason.split()[-1]])
 
 
