@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from pixeldiff import distributed
+
 
 class DivergenceGuard:
     def __init__(self, device: torch.device, max_in_a_row: int):
@@ -30,9 +32,20 @@ class DivergenceGuard:
         self.streak = (self.streak + bad) * bad
         self.first = torch.where((self.first < 0) & (bad > 0), torch.full_like(self.first, step), self.first)
 
-    def diverged(self) -> torch.Tensor:
-        """A 0-d int64 device tensor: 1 when `max_in_a_row` steps in a row were skipped."""
-        return (self.streak >= self.max_in_a_row).to(torch.int64)
+    def new_skips(self) -> tuple[int, int | None]:
+        """(a host read) -> (steps skipped so far, the first skipped step if this is the first time any are seen)."""
+        n = int(self.skipped.item())
+        first = int(self.first.item()) if n and not self.reported else None
+        self.reported = n
+        return n, first
+
+    def diverged(self, model: torch.nn.Module, check_weights: bool) -> bool:
+        """All ranks agree: `max_in_a_row` steps in a row were skipped, or (`check_weights`, before a save) a weight
+        is not finite. One host read."""
+        bad = (self.streak >= self.max_in_a_row).to(torch.int64)
+        if check_weights:
+            bad = bad | ~torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        return bool(distributed.agree_max(int(bad.item()), self.streak.device))
 
     def reset_streak(self) -> None:
         self.streak.zero_()

@@ -10,6 +10,8 @@ other ranks only take part in the reduction. A sink is anything with `write(reco
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Protocol
@@ -59,6 +61,14 @@ class MetricsLogger:
         """A ledger event (rank 0 writes it)."""
         if self.is_main:
             append_event(self.run_dir / "ledger.jsonl", kind, **fields)
+
+    def segment_start(self, env, device, step: int, job_start: str | None, environ=os.environ) -> None:
+        """The ledger's `segment_start`: this job run, its GPUs and nodes, from Slurm's variables where there are."""
+        self.event("segment_start", job_id=environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
+                   restart=int(environ.get("SLURM_RESTART_COUNT", 0)), nodes=int(environ.get("SLURM_JOB_NUM_NODES", 1)),
+                   gpus=env.world_size, nodelist=environ.get("SLURM_JOB_NODELIST", socket.gethostname()),
+                   device=str(device), launcher=env.launcher, step=step,
+                   **({"job_start": float(job_start)} if job_start else {}))
 
     def heartbeat(self, step: int) -> None:
         if time.time() - self._last_heartbeat > HEARTBEAT_S:

@@ -272,6 +272,13 @@ class PerceptualLosses:
     def __bool__(self) -> bool:
         return bool(self.terms)
 
+    def describe(self, losses: LossesConfig, resolution: int) -> str:
+        """One log line: each term's network, weight and forward FLOPs per image at `resolution`."""
+        flops = forward_flops(losses, resolution)
+        return (f"perceptual losses (forward FLOPs per image for {resolution} px images; a step runs ~3x): "
+                + ", ".join(f"{k} {getattr(losses, k).net} weight {self.weight(k):g} {flops[k] / 1e9:.2f} GFLOP"
+                            for k in self.terms))
+
     def weight(self, name: str) -> float:
         return getattr(self.cfg, name).weight
 

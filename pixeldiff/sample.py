@@ -66,6 +66,23 @@ def save_grid(images: torch.Tensor, prompts, out: Path) -> Path:
     return out
 
 
+def shared_grid(model, objective, encoder, logging, resolution: int, seed: int, out: Path, rank: int = 0,
+                world: int = 1, per_prompt: int = 4) -> Path | None:
+    """The grid of `logging.sample_prompts`, split over `world` ranks (rank r draws images r, r + world, ...) and
+    assembled on rank 0, which writes it. Every rank calls this. -> the PNG on rank 0, None elsewhere."""
+    from pixeldiff import distributed
+
+    n = len(logging.sample_prompts) * per_prompt
+    mine = list(range(rank, n, world))
+    part = grid_part(model, objective, encoder, logging.sample_prompts, resolution, mine, per_prompt,
+                     logging.sample_steps, logging.sample_cfg, seed)
+    parts = distributed.gather_to_main(part)
+    if parts is None:
+        return None
+    order = [i for r in range(world) for i in range(r, n, world)]
+    return save_grid(torch.cat(parts)[torch.tensor(order).argsort()], logging.sample_prompts, out)
+
+
 def render_grid(model, objective, encoder, prompts, resolution, out: Path, per_prompt=4, steps=30,
                 cfg_scale=4.0, seed=0, method="euler") -> Path:
     """The whole grid in this process."""

@@ -10,13 +10,11 @@ returns.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
 import signal
 import socket
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -36,8 +34,9 @@ from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.parallel import clip_gradients, parallelize
-from pixeldiff.perceptual import PerceptualLosses, forward_flops
-from pixeldiff.sample import grid_part, save_grid
+from pixeldiff.perceptual import PerceptualLosses
+from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, lock_run
+from pixeldiff.sample import shared_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
 from pixeldiff.storage import storage_options
@@ -46,83 +45,9 @@ from pixeldiff.text import make_text_encoder
 
 DEADLINE_STOP, BUDGET_STOP, DIVERGED = 1000, 1001, 1002  # stop codes above every signal number
 NAN_AT_STEP_ENV = "PIXELDIFF_TEST_NAN_AT_STEP"  # tests only: the loss of step N (1-based), or from N on ("N+"), is NaN
-SAMPLES_PER_PROMPT = 4  # images per prompt in a sample grid
-
-
-class RunLocked(Exception):
-    """Another process is already running this run directory."""
 
 
 # ------------------------------------------------------------------ pieces
-
-
-class StopFlag:
-    """Set by signal handlers; read by the loop at step boundaries. Nothing else happens in a handler."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def install(self):
-        for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def restore(self):
-        for s, h in self._previous.items():
-            signal.signal(s, h)
-
-    def __bool__(self):
-        return self.signum is not None
-
-
-def code_version() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return "unknown"
-
-
-LOCK_WAIT_S = 180.0  # a Slurm job waits this long for a lock a dead node's job may still hold
-
-
-def lock_run(run_dir: Path, wait_s: float = 0.0, poll_s: float = 2.0, log=print):
-    """Hold an exclusive lock on the run directory for the life of the job; RunLocked if it stays taken for `wait_s`.
-
-    A job requeued onto other nodes can find the lock still held by the dead node's job: network file systems keep a
-    lock until its lease expires (tens of seconds to minutes), so a Slurm job retries before giving up."""
-    f = open(run_dir / "run.lock", "a+")
-    deadline, said = time.monotonic() + wait_s, False
-    while True:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            if time.monotonic() >= deadline:
-                f.close()
-                waited = f" (waited {wait_s:.0f} s for it)" if wait_s else ""
-                raise RunLocked(f"run {run_dir} is already running ({holder}){waited}") from None
-            if not said:
-                log(f"run.lock is held ({holder}); waiting up to {wait_s:.0f} s: a lock of a dead node's job lasts "
-                    f"until the file system's lease expires")
-                said = True
-            time.sleep(poll_s)
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    return f
 
 
 def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -166,6 +91,22 @@ def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
     return m.cluster.startup_timeout_s, m.cluster.collective_timeout_s
 
 
+def check_batches(m: Manifest, world_size: int) -> None:
+    for i, s in enumerate(m.stages):
+        if s.global_batch % world_size or (s.global_batch // world_size) % (s.micro_batch or 1):
+            raise ConfigError(f"stages[{i}].global_batch: {s.global_batch} cannot be split over {world_size} "
+                              f"ranks in micro-batches of {s.micro_batch}; use a multiple of {world_size} x micro_batch")
+
+
+def null_caption(m: Manifest, encoder):
+    """The text of the empty caption (dropout, guidance): no tokens at all for precomputed embeddings."""
+    t = m.data.text
+    if t.encoder == "precomputed":
+        return torch.zeros(t.max_tokens, t.dim), torch.zeros(t.max_tokens, dtype=torch.bool)
+    text, mask = encoder.encode([""])
+    return text[0], mask[0]
+
+
 def micro_layout(stage, world_size: int) -> tuple[int, int]:
     """-> (micro-batch size, micro-batches per step) of one rank: global batch = micro x ranks x accumulation."""
     per_rank = stage.global_batch // world_size
@@ -182,19 +123,11 @@ class Trainer:
         self.env = env = env or distributed.DistEnv()
         self.log = log if env.is_main else (lambda *_: None)
         self.m = m = load_resolved(self.run_dir / "manifest.yaml")
-        for i, s in enumerate(m.stages):
-            if s.global_batch % env.world_size or (s.global_batch // env.world_size) % (s.micro_batch or 1):
-                raise ConfigError(f"stages[{i}].global_batch: {s.global_batch} cannot be split over {env.world_size} "
-                                  f"ranks in micro-batches of {s.micro_batch}; use a multiple of {env.world_size} "
-                                  f"x micro_batch")
+        check_batches(m, env.world_size)
         self.device = distributed.pick_device(m.cluster.device, env)
         self.schedule = StageSchedule.from_manifest(m)
         self.encoder = make_text_encoder(m.data.text, self.device)
-        if m.data.text.encoder == "precomputed":  # the null caption: no text tokens at all
-            null_text, null_mask = torch.zeros(1, m.data.text.max_tokens, m.data.text.dim), torch.zeros(1, m.data.text.max_tokens, dtype=torch.bool)
-        else:
-            null_text, null_mask = self.encoder.encode([""])
-        self.objective = XPrediction(m.objective, null_text[0], null_mask[0])
+        self.objective = XPrediction(m.objective, *null_caption(m, self.encoder))
         self.data = build_data(m, env, self.device)
         # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and
         # s3:// ones fetched) here, before any training.
@@ -255,17 +188,10 @@ class Trainer:
         calls this. Its time is measured: the final grid is part of the stop margin."""
         t0, lg, stage = time.perf_counter(), self.m.logging, self.m.stages[self.state.stage]
         ema = self.ema.whole(lambda: PixelDiT(self.m.model, self.m.data.text.dim), self.device)
-        n = len(lg.sample_prompts) * SAMPLES_PER_PROMPT
-        mine = list(range(self.env.rank, n, self.env.world_size))
         with self.autocast:
-            part = grid_part(ema, self.objective, self.encoder, lg.sample_prompts, stage.resolution, mine,
-                             SAMPLES_PER_PROMPT, lg.sample_steps, lg.sample_cfg, self.m.seed)
-        parts = distributed.gather_to_main(part)
-        out = None
-        if parts is not None:
-            order = [i for r in range(self.env.world_size) for i in range(r, n, self.env.world_size)]
-            images = torch.cat(parts)[torch.tensor(order).argsort()]
-            out = save_grid(images, lg.sample_prompts, self.run_dir / "samples" / f"step-{self.state.step:08d}.png")
+            out = shared_grid(ema, self.objective, self.encoder, lg, stage.resolution, self.m.seed,
+                              self.run_dir / "samples" / f"step-{self.state.step:08d}.png", self.env.rank,
+                              self.env.world_size)
         seconds = time.perf_counter() - t0
         if self.clock is not None:
             self.clock.observe_samples(seconds)
@@ -357,7 +283,7 @@ class Trainer:
             self.metrics.heartbeat(st.step)
             self.ckpt.poll()  # a background save that finished since the last step
             save = st.step % m.checkpoint.interval_steps == 0
-            if (save or st.step % m.logging.metrics_interval == 0) and self.diverged(check_weights=save):
+            if (save or st.step % m.logging.metrics_interval == 0) and self.guard.diverged(self.model, check_weights=save):
                 if not self.roll_back():
                     self.stop_code = DIVERGED
                     break
@@ -369,22 +295,12 @@ class Trainer:
                 self.write_samples()
 
     def skipped(self) -> int:
-        """Steps skipped for a non-finite loss or gradient norm in this job (read at logging intervals); the ledger
-        hears of the first."""
-        n = int(self.guard.skipped.item())
-        if n and not self.guard.reported:
-            self.metrics.event("step_skipped", step=int(self.guard.first.item()), skipped=n)
-            self.log(f"WARNING: step {int(self.guard.first.item())} had a non-finite loss or gradient norm: skipped")
-        self.guard.reported = n
+        """Steps skipped in this job (read at logging intervals); the ledger hears of the first."""
+        n, first = self.guard.new_skips()
+        if first is not None:
+            self.metrics.event("step_skipped", step=first, skipped=n)
+            self.log(f"WARNING: step {first} had a non-finite loss or gradient norm: skipped")
         return n
-
-    def diverged(self, check_weights: bool) -> bool:
-        """All ranks: optimizer.max_skipped_steps steps in a row were skipped, or (before a save) a weight is not
-        finite. Checkpoints never hold non-finite weights."""
-        bad = self.guard.diverged()
-        if check_weights:
-            bad = bad | ~torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
-        return bool(distributed.agree_max(int(bad.item()), self.device))
 
     def roll_back(self) -> bool:
         """optimizer.on_divergence rollback: reload the last valid checkpoint, learning rate x rollback_lr_factor.
@@ -416,11 +332,7 @@ class Trainer:
         under_slurm = bool(os.environ.get("SLURM_JOB_ID")) and m.cluster.backend == "slurm"
         self.clock = JobClock(m, past, read_jsonl(self.run_dir / "metrics.jsonl"), self.env.world_size,
                               float(job_start or time.time()), under_slurm)
-        self.metrics.event("segment_start", job_id=os.environ.get("SLURM_JOB_ID", f"local-{os.getpid()}"),
-                           restart=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                           nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), gpus=self.env.world_size,
-                           nodelist=os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()), device=str(self.device),
-                           launcher=self.env.launcher, step=st.step, **({"job_start": float(job_start)} if job_start else {}))
+        self.metrics.segment_start(self.env, self.device, st.step, job_start)
         if m.budget.policy == "finish_stages":
             self.resplit_stages()
         self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
@@ -440,7 +352,7 @@ class Trainer:
             if distributed.agree_max(int(last), self.device):
                 self.stop_code = BUDGET_STOP
         distributed.set_timeout(self.timeouts[0])  # the final save and grid may wait for the slowest rank
-        if self.stop_code != DIVERGED and self.diverged(check_weights=True):
+        if self.stop_code != DIVERGED and self.guard.diverged(self.model, check_weights=True):
             self.stop_code = DIVERGED
         if self.stop_code == DIVERGED:  # nothing saved: the last good checkpoint stays the one to resume from
             self.ckpt.close()
@@ -481,11 +393,7 @@ class Trainer:
             self.log(f"WARNING: {message}")
             self.metrics.event("warning", message=message, step=self.state.step)
         if self.perceptual:
-            res = self.m.stages[self.state.stage].resolution
-            flops = forward_flops(self.m.losses, res)
-            self.log(f"perceptual losses (forward FLOPs per image for {res} px images; a step runs ~3x): " + ", ".join(
-                f"{k} {getattr(self.m.losses, k).net} weight {self.perceptual.weight(k):g} "
-                f"{flops[k] / 1e9:.2f} GFLOP" for k in self.perceptual.terms))
+            self.log(self.perceptual.describe(self.m.losses, self.m.stages[self.state.stage].resolution))
 
     def resplit_stages(self, now: float | None = None) -> None:
         """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not

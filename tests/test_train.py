@@ -174,7 +174,7 @@ def test_rerun_with_a_changed_manifest_is_refused(write_manifest, tmp_path, caps
 def test_a_running_run_is_not_started_twice(write_manifest, tmp_path):
     manifest = write_manifest(steps=(2, 1))
     assert run_local(manifest, tmp_path) == 0
-    from pixeldiff.train import lock_run
+    from pixeldiff.process import lock_run
 
     held = lock_run(tmp_path / "tiny")  # as a running job holds it
     try:
@@ -187,10 +187,10 @@ def test_a_running_run_is_not_started_twice(write_manifest, tmp_path):
 def test_a_stale_lock_is_waited_for_then_refused_with_the_holder_named(tmp_path):
     """A requeued job can find run.lock held by the dead node's job until the file system's lease expires: it retries
     for `wait_s` instead of failing at once."""
-    from pixeldiff.train import RunLocked, lock_run
+    from pixeldiff.process import RunLocked, lock_run
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from pixeldiff.train import lock_run; f = lock_run(__import__('pathlib').Path(sys.argv[2])); "
+                               "from pixeldiff.process import lock_run; f = lock_run(__import__('pathlib').Path(sys.argv[2])); "
                                "print('held', flush=True); time.sleep(float(sys.argv[3]))", str(REPO), str(tmp_path), "3"],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
