@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pixeldiff.config import DataConfig, TextConfig
-from pixeldiff.shards import (Bad, DataError, Position, ReadOptions, ShardSource, read_shard, epoch_order, expand_braces, relayout, shard_list,
-                              stream_shards)
+from pixeldiff.shardlist import DataError, expand_braces, shard_list
+from pixeldiff.shardread import Bad, ReadOptions, read_shard
+from pixeldiff.shards import Position, ShardSource, epoch_order, relayout, stream_shards
 from shardutil import image_bytes, sample_members, write_shards, write_tar
 
 

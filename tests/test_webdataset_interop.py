@@ -13,8 +13,9 @@ import pytest
 import webdataset as wds
 
 from pixeldiff.config import DataConfig, TextConfig
-from pixeldiff.shards import (Bad, DataError, ReadOptions, ShardSource, expand_braces, read_shard, read_shard_raw,
-                              shard_list)
+from pixeldiff.shardlist import DataError, expand_braces, shard_list
+from pixeldiff.shardread import Bad, ReadOptions, read_shard, read_shard_raw
+from pixeldiff.shards import ShardSource
 from shardutil import image_bytes
 
 

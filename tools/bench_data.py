@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pixeldiff.config import DataConfig, S3Config, TextConfig  # noqa: E402
-from pixeldiff.shards import ReadOptions, ShardSource, decode_sample  # noqa: E402
+from pixeldiff.shardread import ReadOptions, decode_sample  # noqa: E402
+from pixeldiff.shards import ShardSource  # noqa: E402
 
 
 def make_images(n: int, size: tuple[int, int]) -> list[bytes]:
