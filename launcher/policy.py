@@ -96,9 +96,13 @@ def since_last(events: list[dict], name: str) -> list[dict]:
 def next_action(m: Manifest, events: list[dict], reason: str, now: float, job_end: float | None,
                 max_timeouts: int, lead_s: float, failed_nodes: tuple[str, ...] = ()) -> Action:
     """What the run does after this segment ended for `reason` (the trainer's: finished, budget, deadline,
-    'signal SIGxxx', or 'failed: ...'). Pure: the ledger, the clock and the job's end time decide."""
+    'signal SIGxxx', 'diverged' or 'failed: ...'). Pure: the ledger, the clock and the job's end time decide."""
     if reason in ("finished", "budget"):
         return Action("none", "finished" if reason == "finished" else "the budget is spent")
+    if reason == "diverged":  # another job would start from the same checkpoint and diverge the same way
+        return Action("stop", "the run diverged (the ledger's segment_end names the step and the last good "
+                              "checkpoint); lower optimizer.lr or allow more optimizer.max_rollbacks, then run again",
+                      stop_kind="failed")
     if any(e["event"] == "cancel_requested" for e in since_last(events, "job_submitted")):
         return Action("stop", "cancelled by pixeldiff-launch cancel", stop_kind="cancelled")
     if reason.startswith("failed"):

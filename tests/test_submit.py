@@ -37,6 +37,11 @@ def test_finished_and_budget_end_the_run():
     assert decide(m, started(), "budget").kind == "none"
 
 
+def test_a_diverged_run_stops_instead_of_requeueing():
+    a = decide(manifest(), started(), "diverged")
+    assert (a.kind, a.stop_kind) == ("stop", "failed") and "diverged" in a.message
+
+
 def test_deadline_requeues_as_a_timeout():
     m = manifest()
     a = decide(m, started(), "deadline")
