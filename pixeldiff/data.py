@@ -78,6 +78,18 @@ class SyntheticShapes:
         return torch.stack([im for im, _ in items]), [c for _, c in items]
 
 
+def to_device(b: dict, encoder, device: torch.device):
+    """A batch as the model takes it: -> images (B, 3, H, W) in [-1, 1], text (B, L, D), mask (B, L), on `device`
+    (captions embedded by `encoder`)."""
+    images = b["image"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = images.float().div_(127.5).sub_(1)
+    if "emb" in b:
+        return images, b["emb"].to(device, non_blocking=True), b["mask"].to(device, non_blocking=True)
+    text, mask = encoder.encode(b["caption"])
+    return images, text.to(device), mask.to(device)
+
+
 class SyntheticSource:
     """SyntheticShapes as a batch source. The position is the number of samples the whole run consumed (the same on
     every rank); micro-batch k of a step's global batch starts at position + k * micro, whichever rank runs it, so

@@ -272,6 +272,14 @@ class PerceptualLosses:
     def __bool__(self) -> bool:
         return bool(self.terms)
 
+    def announce(self, m, state, log, event) -> None:
+        """At every start: the random-init warnings (in the log and the ledger), and what the losses cost."""
+        for message in self.warnings:
+            log(f"WARNING: {message}")
+            event("warning", message=message, step=state.step)
+        if self.terms:
+            log(self.describe(m.losses, m.stages[state.stage].resolution))
+
     def describe(self, losses: LossesConfig, resolution: int) -> str:
         """One log line: each term's network, weight and forward FLOPs per image at `resolution`."""
         flops = forward_flops(losses, resolution)

@@ -26,7 +26,7 @@ import torch
 from pixeldiff import checkpoint, distributed
 from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
-from pixeldiff.data import BatchSource, SyntheticSource
+from pixeldiff.data import BatchSource, SyntheticSource, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
 from pixeldiff.ledger import read_jsonl
@@ -91,6 +91,20 @@ def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
     return m.cluster.startup_timeout_s, m.cluster.collective_timeout_s
 
 
+def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
+    """The trainer's checkpoint parts: model, EMA and optimizer in the DCP shards (a share each under DDP); the
+    train state and data position in each rank's file; the resolved manifest and provenance beside them."""
+    m, env, d = t.m, t.env, t.m.checkpoint.dir
+    root = (d if checkpoint.is_remote(d) else Path(d)) if d else t.run_dir / "checkpoints"
+    return checkpoint.CheckpointManager(
+        root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
+        sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": checkpoint.ModelState(t.model, t.opt)},
+        train=t.state, data=t.data, files=t.provenance_files, on_saved=t.on_saved,
+        storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
+        process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
+        broadcast=distributed.broadcast_object, log=t.log, replicated=t.par.ddp is not None, device=t.device)
+
+
 def check_batches(m: Manifest, world_size: int) -> None:
     for i, s in enumerate(m.stages):
         if s.global_batch % world_size or (s.global_batch // world_size) % (s.micro_batch or 1):
@@ -149,18 +163,9 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
         self.clock: JobClock | None = None  # made when the job starts (run)
         self.timeouts = collective_timeouts(m)
-        d = m.checkpoint.dir
-        root = (d if checkpoint.is_remote(d) else Path(d)) if d else self.run_dir / "checkpoints"
         self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
                            "python": platform.python_version(), "host": socket.gethostname()}
-        self.ckpt = checkpoint.CheckpointManager(
-            root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
-            sharded={"model": checkpoint.ModelState(self.model), "ema": self.ema,
-                     "optimizer": checkpoint.ModelState(self.model, self.opt)},
-            train=self.state, data=self.data, files=self.provenance_files, on_saved=self.on_saved,
-            storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
-            process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
-            broadcast=distributed.broadcast_object, log=self.log, replicated=self.par.ddp is not None, device=self.device)
+        self.ckpt = build_checkpoints(self)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def provenance_files(self) -> dict[str, bytes]:
@@ -199,17 +204,6 @@ class Trainer:
             self.metrics.event("samples_written", step=self.state.step, grid=str(out), seconds=round(seconds, 3))
         return out
 
-    def device_batch(self, b: dict):
-        """-> images (B, 3, R, R) in [-1, 1], text (B, L, D), mask (B, L), on the device."""
-        dev = self.device
-        images = b["image"].to(dev, non_blocking=True)
-        if images.dtype == torch.uint8:
-            images = images.float().div_(127.5).sub_(1)
-        if "emb" in b:
-            return images, b["emb"].to(dev, non_blocking=True), b["mask"].to(dev, non_blocking=True)
-        text, mask = self.encoder.encode(b["caption"])
-        return images, text.to(dev), mask.to(dev)
-
     # ----- one optimizer step
 
     def train_step(self, batches) -> dict:
@@ -222,7 +216,7 @@ class Trainer:
             group["lr"] = lr
         total, parts = 0.0, {}
         for a in range(accum):
-            images, text, mask = self.device_batch(next(batches))
+            images, text, mask = to_device(next(batches), self.encoder, self.device)
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)
             with self.autocast, self.par.reduce_gradients(a == accum - 1):  # reduce gradients once per step
                 loss, x0_hat, t = self.objective.loss(self.par.net, images, text, mask, gen)
@@ -337,7 +331,7 @@ class Trainer:
             self.resplit_stages()
         self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
-        self.log_perceptual()
+        self.perceptual.announce(self.m, self.state, self.log, self.metrics.event)
         try:
             self.loop(stop)
         except DataError as e:
@@ -387,13 +381,6 @@ class Trainer:
         grid = self.write_samples()
         self.log(f"finished at step {st.step}; samples: {grid}")
         return "finished"
-
-    def log_perceptual(self) -> None:
-        for message in self.perceptual.warnings:  # on every start, and in the ledger
-            self.log(f"WARNING: {message}")
-            self.metrics.event("warning", message=message, step=self.state.step)
-        if self.perceptual:
-            self.log(self.perceptual.describe(self.m.losses, self.m.stages[self.state.stage].resolution))
 
     def resplit_stages(self, now: float | None = None) -> None:
         """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not
