@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from pixeldiff.process import no_world_write
+
+    no_world_write()  # run directories, plans, ledgers: never writable by others
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -345,6 +345,9 @@ class TrainJob:
         self.run_dir = run_dir
 
     def __call__(self) -> str:
+        from pixeldiff.process import no_world_write
+
+        no_world_write()
         sys.stdout.reconfigure(line_buffering=True)
         return supervise(Path(self.run_dir))
 

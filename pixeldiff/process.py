@@ -1,5 +1,5 @@
 """A training job's process, around the trainer: the flag its stop signals set, the run directory's lock,
-the code version it records.
+the code version it records, and the umask its files are made under.
 """
 
 from __future__ import annotations
@@ -84,3 +84,9 @@ def lock_run(run_dir: Path, wait_s: float = 0.0, poll_s: float = 2.0, log=print)
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     return f
+
+
+def no_world_write() -> None:
+    """Whatever the user's umask, nothing this process creates (run directories, checkpoints, caches, logs) is
+    writable by others: a shared cluster's other users must not be able to plant a checkpoint or a weights file."""
+    os.umask(os.umask(0) | 0o002)

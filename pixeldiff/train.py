@@ -35,7 +35,7 @@ from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
-from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, lock_run
+from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, lock_run, no_world_write
 from pixeldiff.sample import shared_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
@@ -401,6 +401,7 @@ def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:
     `restore_signals=False` (a process that exits right after) keeps the flag-setting handlers to the end, so that
     a signal arriving late (e.g. Slurm's to this rank, after another rank's signal already stopped the job) does not
     kill the process with its checkpoint already complete."""
+    no_world_write()
     run_dir = Path(run_dir)
     env = distributed.env_from()
     wait = float(os.environ.get("PIXELDIFF_LOCK_WAIT_S", LOCK_WAIT_S)) if os.environ.get("SLURM_JOB_ID") else 0.0

@@ -111,3 +111,24 @@ def test_bad_divergence_settings_are_refused(write_manifest, tmp_path, capsys, b
 
     assert launch_main(["plan", str(write_manifest(optimizer=bad))]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_nothing_a_run_writes_is_writable_by_others_even_under_umask_000(write_manifest, tmp_path):
+    """Run directories, checkpoints, ledgers and samples are made under the user's umask with others' write removed:
+    on a shared cluster nobody else can plant a checkpoint (umask 000 would otherwise make everything 0o777/0o666)."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    manifest = write_manifest(steps=(3, 1), checkpoint={"interval_steps": 2, "keep": 2})
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "runs")],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                       timeout=300, preexec_fn=lambda: os.umask(0))
+    assert r.returncode == 0, r.stdout + r.stderr
+    made = [p for p in (tmp_path / "runs").rglob("*")] + [tmp_path / "runs"]
+    assert any(p.name.endswith(".distcp") for p in made) and any(p.suffix == ".png" for p in made)
+    writable = [str(p) for p in made if os.stat(p).st_mode & stat.S_IWOTH]
+    assert writable == []
