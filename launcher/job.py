@@ -308,6 +308,9 @@ def supervise(run_dir: Path, environ=os.environ) -> str:
     start, job_end = slurm_times(environ["SLURM_JOB_ID"])
     cpus = int(environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
     rc, lines = run_step(srun_command(m, run_dir, cpus), step_environment(m, environ, start, job_end, cpus))
+    # Slurm bills until the job ends, not until rank 0's segment_end: the tasks' exit and this decision count too
+    append_event(ledger_path(run_dir), "step_ended", job_id=environ.get("SLURM_JOB_ID", ""),
+                 restart=int(environ.get("SLURM_RESTART_COUNT", 0)), exit_status=rc)
     end = step_dir(run_dir, "ranks", environ) / "end.json"
     jobs = plan_jobs(m)
     if end.exists():

@@ -6,7 +6,8 @@ no torch, no Slurm. The job's budget guard (pixeldiff/budget.py), the launcher's
 
 Segments. One per `segment_start` (one run of one job), from its `job_start` (Slurm's allocation
 start, when the trainer knows it) or else its time. Its end is, in order of preference: its
-`segment_end` event; the given `now` while the run is live (the last segment only); the end of
+`segment_end` event, or the job's supervisor's `step_ended` after it (the tasks' exit and the
+decision are billed too); the given `now` while the run is live (the last segment only); the end of
 the job run's accounting record, when the caller matched one (`Segment.acct`, anything with
 `.start` and `.end`: launcher/slurmview.py pairs sacct's records); its last sign of life (the
 last trainer event, `SEGMENT_EVENTS`, or metrics record of the segment).
@@ -80,6 +81,13 @@ def build_segments(events: list[dict], metrics: list[dict]) -> list[Segment]:
             segs.append(Segment(str(e.get("job_id", "?")), int(e.get("restart", 0) or 0), int(e.get("nodes", 1) or 1),
                                 int(e.get("gpus", 1) or 1), str(e.get("nodelist", "")), segment_start(e),
                                 int(e.get("step", 0) or 0), last_seen=float(e["time"]), max_step=int(e.get("step", 0) or 0)))
+            continue
+        if kind == "step_ended":  # the job's supervisor, after its training step ended: billed until now
+            own = [s for s in segs if s.job_id == str(e.get("job_id")) and s.restart == int(e.get("restart", 0) or 0)]
+            if own and own[-1].end_reason is not None:
+                own[-1].end = max(own[-1].end, float(e["time"]))
+            elif own:
+                own[-1].last_seen = max(own[-1].last_seen, float(e["time"]))
             continue
         # the launcher's events say nothing of a job that may be long dead
         if not segs or kind not in SEGMENT_EVENTS or segs[-1].end_reason is not None:

@@ -18,6 +18,7 @@ written by rank 0 of a job (pixeldiff.train):
   segment_end       reason (finished | budget | deadline | signal SIGxxx | failed: ...), step
 written by the launcher (login node, or the job's submitit wrapper):
   job_submitted     job_id, nodes, gpus, exclude (list of nodes), partition
+  step_ended        job_id, restart, exit_status (the supervisor, after the training step; billing ends here)
   requeue_requested job_id, kind (timeout | preemption), restart
   job_failed        job_id, node (or null), message, failures (consecutive start-up failures)
   node_excluded     node, job_id, reason

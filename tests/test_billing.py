@@ -44,3 +44,19 @@ def test_billing_caps_and_the_wall_clock_start():
     assert run_started(events) == 4.0 and run_started(events[:1]) is None
     assert billed_gpu_seconds(events) == 2 * 26 + 0
     assert billed_gpu_seconds(events, until=60.0) == 2 * 26 + 2 * 10
+
+
+def test_a_segment_is_billed_until_its_supervisor_saw_the_step_end():
+    """Slurm bills the tasks' exit and the supervisor's decision after rank 0's segment_end: its step_ended (same job
+    run) moves the segment's end; another job's or another restart's does not."""
+    def ev(event, t, **kw):
+        return {"event": event, "time": t, **kw}
+
+    base = [ev("segment_start", 0.0, job_id="5", restart=0, gpus=2), ev("segment_end", 100.0, reason="deadline")]
+    assert billed_gpu_seconds(base) == 200.0
+    assert billed_gpu_seconds(base + [ev("step_ended", 104.0, job_id="5", restart=0)]) == 208.0
+    assert billed_gpu_seconds(base + [ev("step_ended", 104.0, job_id="5", restart=1)]) == 200.0
+    assert billed_gpu_seconds(base + [ev("step_ended", 104.0, job_id="6", restart=0)]) == 200.0
+    died = [ev("segment_start", 0.0, job_id="5", restart=0, gpus=2), ev("heartbeat", 50.0),
+            ev("step_ended", 60.0, job_id="5", restart=0)]  # no segment_end: closed at the last sign of life
+    assert billed_gpu_seconds(died) == 120.0

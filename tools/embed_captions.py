@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pixeldiff import shards  # noqa: E402
+from pixeldiff import shardlist  # noqa: E402
 
 EMB_EXTS = ("emb.npy", "mask.npy")
 
@@ -66,8 +66,8 @@ class UsageError(Exception):
 def expand_braces(pattern: str) -> list[str]:
     """Brace patterns exactly as `data.shards` reads them ('{000..009}', '{a,b}')."""
     try:
-        return shards.expand_braces(pattern)
-    except shards.DataError as e:
+        return shardlist.expand_braces(pattern)
+    except shardlist.DataError as e:
         raise UsageError(str(e)) from None
 
 
