@@ -367,4 +367,8 @@ if __name__ == "__main__":
         sys.exit(2)
     sys.stdout.reconfigure(line_buffering=True)
     EarlySignals()
-    sys.exit(rank_main(Path(sys.argv[1])))
+    status = rank_main(Path(sys.argv[1]))
+    from pixeldiff.process import ignore_late_stop_signals
+
+    ignore_late_stop_signals()  # a late TERM during interpreter exit must not turn a finished task into a killed one
+    sys.exit(status)

@@ -42,6 +42,15 @@ class StopFlag:
         return self.signum is not None
 
 
+def ignore_late_stop_signals() -> None:
+    """The job is over: a stop signal that comes now (Slurm signals every task; another rank's signal already
+    stopped this one) has nothing left to stop. Ignored, not left to the flag handler: at interpreter exit Python
+    resets its handlers to the default, and a SIGTERM in that window would kill a process whose work is complete
+    (exit -15, which srun --kill-on-bad-exit takes for a failed task)."""
+    for s in StopFlag.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def code_version() -> str:
     here = Path(__file__).resolve().parent
     try:

@@ -35,7 +35,8 @@ from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
-from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, lock_run, no_world_write
+from pixeldiff.process import (LOCK_WAIT_S, RunLocked, StopFlag, code_version, ignore_late_stop_signals, lock_run,
+                               no_world_write)
 from pixeldiff.sample import shared_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
@@ -430,6 +431,7 @@ def main(argv=None) -> int:
         return 2
     try:
         reason = run_job(Path(argv[0]), log=lambda s: print(s, flush=True), restore_signals=False)
+        ignore_late_stop_signals()
     except (ConfigError, RunLocked, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
