@@ -1,6 +1,7 @@
 """The rest of the published recipe: TREAD routing, self-guidance, REPA (model level, then the trainer on the CPU)."""
 import pytest
 import torch
+import yaml
 
 from launcher.cli import main as launch_main
 from pixeldiff.config import ObjectiveConfig
@@ -227,3 +228,42 @@ def test_two_gloo_ranks_match_one_process_with_every_switch_on(write_manifest, t
     assert any(k.startswith("repa.") for k in wa)  # the projector is trained and checkpointed with the model
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_teacher_loads_a_timm_state_dict_strictly_and_features_match_the_token_grid(tmp_path):
+    import timm
+
+    from pixeldiff.config import RepaLossConfig
+    from pixeldiff.perceptual import load_weights_file
+    from pixeldiff.repa import RepaTeacher
+
+    torch.manual_seed(11)
+    net = timm.create_model(TEACHER, pretrained=False, num_classes=0, dynamic_img_size=True)
+    torch.save(net.state_dict(), tmp_path / "teacher.pth")  # what tools/fetch_weights.py --nets repa writes
+    sd = load_weights_file(tmp_path / "teacher.pth", "losses.repa.weights")
+    teacher = RepaTeacher(RepaLossConfig(weight=0.5, net=TEACHER), 4, "cpu", state_dict=sd)
+    x0 = torch.rand(2, 3, 16, 24) * 2 - 1
+    feats = teacher.features(x0)
+    assert feats.shape == (2, 4 * 6, 192)  # the model's 4 x 6 token grid at patch 4, token for token
+    random = RepaTeacher(RepaLossConfig(weight=0.5, net=TEACHER), 4, "cpu")
+    assert not torch.allclose(random.features(x0), feats)  # the file's weights, not the random init
+    sd.pop(next(iter(sd)))
+    with pytest.raises(Exception, match="losses.repa.weights"):
+        RepaTeacher(RepaLossConfig(weight=0.5, net=TEACHER), 4, "cpu", state_dict=sd)
+    loss = teacher.loss(feats.clone().requires_grad_(), x0, None)
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)  # aligned to itself: 1 - cos = 0
+
+
+def test_fetch_weights_knows_the_repa_teacher(tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("fetch_weights", REPO / "tools" / "fetch_weights.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--dry-run", "--out", str(tmp_path / "w"), "--nets", "repa", "--upload", "s3://bkt/w"]) == 0
+    out = capsys.readouterr().out
+    assert "timm.create_model('vit_large_patch16_dinov3', pretrained=True, num_classes=0, dynamic_img_size=True)" in out
+    assert yaml.safe_load(out.split("manifest lines:\n", 1)[1])["losses"]["repa"] == {
+        "net": "vit_large_patch16_dinov3", "weights": "s3://bkt/w/vit_large_patch16_dinov3.pth"}
