@@ -176,6 +176,11 @@ class TextConfig:
     max_tokens: int = 16
     dim: int = 64  # with hf: must equal the model's hidden size
     model: Optional[str] = None  # hf only: a local folder or a model already in the Hugging Face cache
+    # precomputed only, one of the two, for the sample grids' prompts: the encoder that made the shards' embeddings
+    # ("builtin", or "hf:NAME" with NAME a local folder or cached model: what tools/embed_captions.py --encoder was
+    # given), or a file of the prompts' embeddings (local path or s3://, from tools/embed_captions.py --prompts-out)
+    embedded_by: Optional[str] = None
+    prompt_embeddings: Optional[str] = None
 
 
 @dataclass
@@ -457,6 +462,19 @@ def validate(m: Manifest) -> None:
         raise ConfigError("data.shards: required when data.source is 'webdataset' (e.g. s3://bucket/train-{000000..000099}.tar)")
     if d.source == "synthetic" and d.text.encoder == "precomputed":
         raise ConfigError("data.text.encoder: synthetic data has no precomputed embeddings; use 'builtin' or 'hf'")
+    if d.text.encoder == "precomputed" and not (d.text.embedded_by or d.text.prompt_embeddings):
+        raise ConfigError("data.text: a run on precomputed caption embeddings must embed its sample prompts the same "
+                          "way; set data.text.embedded_by to the encoder that made them ('builtin' or 'hf:NAME', as "
+                          "given to tools/embed_captions.py --encoder) or data.text.prompt_embeddings to a file of "
+                          "the prompts' embeddings (tools/embed_captions.py --prompts-out)")
+    eb = d.text.embedded_by
+    if eb is not None and (d.text.encoder != "precomputed" or not (eb == "builtin" or (eb.startswith("hf:") and eb[3:].strip()))):
+        raise ConfigError(f"data.text.embedded_by: {eb!r}: give 'builtin' or 'hf:NAME' (a local folder or cached "
+                          f"Hugging Face model), and only with data.text.encoder 'precomputed'")
+    pe = d.text.prompt_embeddings
+    if pe is not None and (d.text.encoder != "precomputed" or not pe.strip()):
+        raise ConfigError(f"data.text.prompt_embeddings: {pe!r}: a local path or s3:// URL, and only with "
+                          f"data.text.encoder 'precomputed'")
     if (d.text.encoder == "hf") != bool(d.text.model):
         raise ConfigError("data.text.model: give a Hugging Face model (local folder or cached name) exactly when "
                           "data.text.encoder is 'hf'")

@@ -97,10 +97,10 @@ def shared_grid(model, objective, encoder, logging, resolution: int, seed: int, 
 
 
 def render_grid(model, objective, encoder, prompts, resolution, out: Path, per_prompt=4, steps=30,
-                cfg_scale=4.0, seed=0, method="euler") -> Path:
+                cfg_scale=4.0, seed=0, method="euler", guidance="cfg", tread_ratio=0.0) -> Path:
     """The whole grid in this process."""
     images = grid_part(model, objective, encoder, prompts, resolution, list(range(len(prompts) * per_prompt)),
-                       per_prompt, steps, cfg_scale, seed, method)
+                       per_prompt, steps, cfg_scale, seed, method, guidance, tread_ratio)
     return save_grid(images, prompts, out)
 
 
@@ -109,7 +109,9 @@ def main(argv=None) -> int:
     from pixeldiff.config import ConfigError, load_resolved
     from pixeldiff.model import PixelDiT
     from pixeldiff.objective import XPrediction
-    from pixeldiff.text import make_text_encoder
+    from pixeldiff.storage import storage_options
+    from pixeldiff.text import make_text_encoder, null_caption
+    from pixeldiff.train import model_options
 
     ap = argparse.ArgumentParser(prog="pixeldiff-sample", description="Sample a PNG grid from a checkpoint or a run directory's latest checkpoint.")
     ap.add_argument("path", help="a run directory or a checkpoint directory (step-N/)")
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--per-prompt", type=int, default=4)
     ap.add_argument("--resolution", type=int, help="default: the resolution of the checkpoint's stage")
     ap.add_argument("--weights", choices=["ema", "model"], default="ema")
+    ap.add_argument("--guidance", choices=["cfg", "self"], help="default: the run's logging.sample_guidance; self "
+                    "(routed vs dense prediction) needs a TREAD-trained model")
     args = ap.parse_args(argv)
 
     try:
@@ -139,22 +143,25 @@ def main(argv=None) -> int:
         parts["train_state"] = checkpoint.rank_states(path)[0]
         if args.steps <= 0 or args.per_prompt <= 0:
             raise ConfigError("--steps and --per-prompt must be > 0")
-        if m.data.text.encoder == "precomputed":
-            raise ConfigError("this checkpoint was trained on precomputed caption embeddings; pixeldiff-sample "
-                              "encodes prompts itself, so it needs data.text.encoder 'builtin' or 'hf'")
-        encoder = make_text_encoder(m.data.text, "cpu")
-        null_text, null_mask = encoder.encode([""])
-        model = PixelDiT(m.model, m.data.text.dim)
-        model.load_state_dict(parts[args.weights])
+        # precomputed embeddings: the prompts go through the encoder that made them, or come from the run's file
+        encoder = make_text_encoder(m.data.text, "cpu", storage_options(m.data.s3))
+        null_text, null_mask = null_caption(m, encoder)
+        encoder.encode(args.prompt)  # a prompt missing from a prompt embeddings file: said now, before sampling
+        guidance = args.guidance or m.logging.sample_guidance
+        if guidance == "self" and m.tread.ratio <= 0:
+            raise ConfigError("--guidance self guides with the routed vs the dense prediction; this model was trained "
+                              "without TREAD (tread.ratio 0): use --guidance cfg")
+        model = PixelDiT(m.model, m.data.text.dim, **model_options(m, training=False))
+        model.load_state_dict({k: v for k, v in parts[args.weights].items() if not k.startswith("repa.")})
         resolution = args.resolution or m.stages[parts["train_state"]["stage"]].resolution
         if resolution % model.cfg.patch_size:
             raise ConfigError(f"--resolution {resolution} is not a multiple of the patch size {model.cfg.patch_size}")
     except (ConfigError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = render_grid(model, XPrediction(m.objective, null_text[0], null_mask[0]), encoder, args.prompt, resolution,
+    out = render_grid(model, XPrediction(m.objective, null_text, null_mask), encoder, args.prompt, resolution,
                       Path(args.out), per_prompt=args.per_prompt, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                      method=args.sampler)
+                      method=args.sampler, guidance=guidance, tread_ratio=m.tread.ratio)
     print(f"wrote {out} ({len(args.prompt)} prompts x {args.per_prompt}, {resolution} px, step {parts['train_state']['step']}, {path})")
     return 0
 

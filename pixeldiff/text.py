@@ -4,7 +4,8 @@ Words are lower-cased, hashed (crc32, stable across processes) into a fixed
 vocabulary and looked up in a frozen table drawn from a fixed seed, plus a
 sinusoidal position code. It has no weights file and needs no network; the
 model's text projection learns what to make of it. Real runs use precomputed
-caption embeddings from the shards instead.
+caption embeddings from the shards instead, and embed their sample prompts with the
+encoder that made them (or read the prompts' embeddings from a file).
 """
 
 from __future__ import annotations
@@ -90,16 +91,72 @@ class HFTextEncoder:
         return hidden.float().cpu(), attn.bool().cpu()
 
 
-def make_text_encoder(cfg, device):
-    """The encoder captions go through (unused with precomputed embeddings). Its empty-caption
-    embedding, the null text for caption dropout and CFG, is computed once by the trainer."""
+class PromptTable:
+    """Precomputed embeddings of the sample prompts (data.text.prompt_embeddings): a torch file of {"prompts": [str],
+    "emb": (P, L, D), "mask": (P, L) bool}, as tools/embed_captions.py --prompts-out writes it."""
+
+    def __init__(self, path, key: str, max_tokens: int, dim: int):
+        try:
+            table = torch.load(path, map_location="cpu", weights_only=True)
+            prompts, emb, mask = table["prompts"], table["emb"], table["mask"]
+        except Exception as e:  # noqa: BLE001 - not a file of ours
+            raise ConfigError(f"{key}: {path} is not a prompt embeddings file ({type(e).__name__}: {e}); write one "
+                              f"with tools/embed_captions.py --prompts-out") from None
+        if tuple(emb.shape) != (len(prompts), max_tokens, dim) or tuple(mask.shape) != (len(prompts), max_tokens):
+            raise ConfigError(f"{key}: {path} holds embeddings of shape {tuple(emb.shape)}, this run takes "
+                              f"({len(prompts)}, {max_tokens}, {dim}) (data.text.max_tokens, data.text.dim)")
+        self.key, self.rows = key, {p: i for i, p in enumerate(prompts)}
+        self.emb, self.mask, self.dim = emb.float(), mask.bool(), dim
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [c for c in captions if c not in self.rows]
+        if missing:
+            raise ConfigError(f"{self.key}: no embedding for the prompt {missing[0]!r}; it has "
+                              f"{sorted(self.rows)[:4]}; embed the prompts you sample with tools/embed_captions.py "
+                              f"--prompts-out, or set data.text.embedded_by")
+        idx = torch.tensor([self.rows[c] for c in captions], dtype=torch.long)
+        return self.emb[idx], self.mask[idx]
+
+
+def make_text_encoder(cfg, device, storage_options: dict | None = None):
+    """The encoder that captions and prompts go through. With precomputed embeddings in the shards, it embeds the
+    sample prompts: the encoder that made the shards' embeddings (data.text.embedded_by) or a file of the prompts'
+    embeddings (data.text.prompt_embeddings). The trainer computes the null text for caption dropout and CFG once."""
+    if cfg.encoder == "precomputed":
+        if cfg.prompt_embeddings and not cfg.embedded_by:
+            from pixeldiff.weights import resolve_weights
+
+            key = "data.text.prompt_embeddings"
+            return PromptTable(resolve_weights(cfg.prompt_embeddings, key, storage_options), key, cfg.max_tokens, cfg.dim)
+        if cfg.embedded_by and cfg.embedded_by.startswith("hf:"):
+            return hf_encoder(cfg.embedded_by[3:], cfg, device, "data.text.embedded_by")
+        return BuiltinTextEncoder(cfg.dim, cfg.max_tokens)
     if cfg.encoder != "hf":
         return BuiltinTextEncoder(cfg.dim, cfg.max_tokens)
+    return hf_encoder(cfg.model, cfg, device, "data.text.model")
+
+
+def hf_encoder(name: str, cfg, device, key: str):
     try:
-        enc = HFTextEncoder(cfg.model, cfg.max_tokens, device=str(device), local_files_only=True)
+        enc = HFTextEncoder(name, cfg.max_tokens, device=str(device), local_files_only=True)
     except TextEncoderError as e:
-        raise ConfigError(f"data.text.model: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
     if enc.dim != cfg.dim:
-        raise ConfigError(f"data.text.dim: {cfg.dim}, but {cfg.model!r} produces {enc.dim}-wide embeddings; "
+        raise ConfigError(f"data.text.dim: {cfg.dim}, but {name!r} produces {enc.dim}-wide embeddings; "
                           f"set data.text.dim={enc.dim}")
     return enc
+
+
+def null_caption(m, encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text of the empty caption (dropout, guidance): no tokens at all for precomputed embeddings."""
+    t = m.data.text
+    if t.encoder == "precomputed":
+        return torch.zeros(t.max_tokens, t.dim), torch.zeros(t.max_tokens, dtype=torch.bool)
+    text, mask = encoder.encode([""])
+    return text[0], mask[0]
+
+
+def save_prompt_table(encoder, prompts: list[str], path) -> None:
+    """The file data.text.prompt_embeddings reads: `prompts` through `encoder` (what made the shards' embeddings)."""
+    emb, mask = encoder.encode(list(prompts))
+    torch.save({"prompts": list(prompts), "emb": emb.to(torch.float16), "mask": mask.bool()}, path)

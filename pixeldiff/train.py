@@ -42,7 +42,7 @@ from pixeldiff.sample import shared_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
 from pixeldiff.storage import storage_options
-from pixeldiff.text import make_text_encoder
+from pixeldiff.text import make_text_encoder, null_caption
 from pixeldiff.weights import random_init_warning
 
 
@@ -115,15 +115,6 @@ def check_batches(m: Manifest, world_size: int) -> None:
                               f"ranks in micro-batches of {s.micro_batch}; use a multiple of {world_size} x micro_batch")
 
 
-def null_caption(m: Manifest, encoder):
-    """The text of the empty caption (dropout, guidance): no tokens at all for precomputed embeddings."""
-    t = m.data.text
-    if t.encoder == "precomputed":
-        return torch.zeros(t.max_tokens, t.dim), torch.zeros(t.max_tokens, dtype=torch.bool)
-    text, mask = encoder.encode([""])
-    return text[0], mask[0]
-
-
 def model_options(m: Manifest, teacher=None, training: bool = True) -> dict:
     """PixelDiT's optional parts: TREAD's routed span, and REPA's projector (training only: not in the EMA)."""
     depth = resolve_model_config(m.model).depth
@@ -150,7 +141,7 @@ class Trainer:
         check_batches(m, env.world_size)
         self.device = distributed.pick_device(m.cluster.device, env)
         self.schedule = StageSchedule.from_manifest(m)
-        self.encoder = make_text_encoder(m.data.text, self.device)
+        self.encoder = make_text_encoder(m.data.text, self.device, storage_options(m.data.s3))
         self.objective = XPrediction(m.objective, *null_caption(m, self.encoder))
         self.data = build_data(m, env, self.device)
         # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and

@@ -267,3 +267,56 @@ def test_fetch_weights_knows_the_repa_teacher(tmp_path, capsys):
     assert "timm.create_model('vit_large_patch16_dinov3', pretrained=True, num_classes=0, dynamic_img_size=True)" in out
     assert yaml.safe_load(out.split("manifest lines:\n", 1)[1])["losses"]["repa"] == {
         "net": "vit_large_patch16_dinov3", "weights": "s3://bkt/w/vit_large_patch16_dinov3.pth"}
+
+
+# ------------------------------------------------------------------ precomputed caption embeddings
+
+
+def test_a_run_on_precomputed_embeddings_samples_its_prompts_with_the_encoder_that_made_them(write_manifest, tmp_path,
+                                                                                               capsys):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from shardutil import write_shards
+
+    from pixeldiff.sample import main as sample_main
+
+    write_shards(tmp_path / "raw", n_shards=2, per_shard=12)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "embed_captions.py"), str(tmp_path / "raw" / "train-{000..001}.tar"),
+                           "--out", str(tmp_path / "emb" / "train"), "--encoder", "builtin", "--dim", "16",
+                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    text = {"encoder": "precomputed", "max_tokens": 8, "dim": 16}
+    data = {"source": "webdataset", "shards": str(tmp_path / "emb" / "train-{000..001}.tar"), "workers": 0,
+            "text": text}
+    assert launch_main(["plan", str(write_manifest(name="noenc", data=data))]) == 2
+    assert "data.text: a run on precomputed caption embeddings must embed its sample prompts" in capsys.readouterr().err
+    manifest = write_manifest(name="pre", steps=(6, 2), data={**data, "text": {**text, "embedded_by": "builtin"}})
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (tmp_path / "runs" / "pre" / "samples" / "step-00000008.png").exists()
+    capsys.readouterr()
+    out = tmp_path / "grid.png"
+    assert sample_main([str(tmp_path / "runs" / "pre"), "--prompt", "a blue square", "--out", str(out), "--steps", "2",
+                        "--per-prompt", "2"]) == 0
+    assert out.exists() and "wrote" in capsys.readouterr().out
+
+
+def test_prompt_embeddings_from_a_file_and_a_prompt_it_lacks(tmp_path):
+    from pixeldiff.config import ConfigError, TextConfig
+    from pixeldiff.text import BuiltinTextEncoder, PromptTable, make_text_encoder, save_prompt_table
+
+    made_by = BuiltinTextEncoder(16, 8)
+    save_prompt_table(made_by, ["a red circle", "a blue square"], tmp_path / "prompts.pt")
+    enc = make_text_encoder(TextConfig(encoder="precomputed", max_tokens=8, dim=16,
+                                       prompt_embeddings=str(tmp_path / "prompts.pt")), "cpu")
+    assert isinstance(enc, PromptTable)
+    emb, mask = enc.encode(["a blue square", "a red circle"])
+    ref, ref_mask = made_by.encode(["a blue square", "a red circle"])
+    torch.testing.assert_close(emb, ref.half().float())
+    assert torch.equal(mask, ref_mask)
+    with pytest.raises(ConfigError, match="no embedding for the prompt 'a green star'"):
+        enc.encode(["a green star"])
+    with pytest.raises(ConfigError, match=r"this run takes \(2, 8, 32\)"):
+        make_text_encoder(TextConfig(encoder="precomputed", max_tokens=8, dim=32,
+                                     prompt_embeddings=str(tmp_path / "prompts.pt")), "cpu")
