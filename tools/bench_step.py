@@ -7,7 +7,9 @@ Each row times full optimizer steps (x-prediction loss, backward, grad clip, Ada
 bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
 eager baseline measured in the same run, and model FLOPs utilisation against --peak-tflops.
 Modes `eager+lpips`, `eager+dino`, `eager+lpips+dino` add the speedrun's perceptual losses
-(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); their "vs eager" ratio is what each costs. `--calibration FILE` writes the
+(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); their "vs eager" ratio is what each costs.
+`+tread` routes 50% of the image tokens past blocks 2..penultimate (TREAD; its "vs eager" ratio is
+the saving), `+repa` adds REPA (block 8's projector against --repa-net, a DINOv3 ViT-L/16 by default). `--calibration FILE` writes the
 measured img/s per GPU per resolution as JSON for the planner.
 """
 
@@ -24,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig  # noqa: E402
-from pixeldiff.model import ModelConfig, PixelDiT  # noqa: E402
-from pixeldiff.objective import XPrediction  # noqa: E402
+from pixeldiff.model import ModelConfig, PixelDiT, resolve_model_config  # noqa: E402
+from pixeldiff.objective import XPrediction, tread_route  # noqa: E402
 
 
-def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast, perceptual=None):
+def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast, perceptual=None,
+          tread=False, teacher=None):
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.rand(batch, 3, res, res, generator=g, device=device).mul(2).sub(1)
     text = torch.randn(batch, text_len, text_dim, generator=g, device=device)
@@ -37,7 +40,17 @@ def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, 
 
     def step():
         with autocast:
-            loss, x0_hat, t = objective.loss(model, x0, text, mask, g)
+            if tread or teacher is not None:  # the trainer's forward with TREAD / REPA
+                p = model.cfg.patch_size
+                route = tread_route(batch, (res // p) ** 2, 0.5, g) if tread else None
+                xt, t, tx, mk = objective.noised(x0, text, mask, g)
+                out = model(xt, t, tx, mk, route=route, repa_at=min(7, len(model.blocks) - 1) if teacher else None)
+                x0_hat = out[0] if teacher is not None else out
+                loss = objective.velocity_mse(x0_hat, xt, x0, t)
+                if teacher is not None:
+                    loss = loss + 0.5 * teacher.loss(out[1], x0, out[2])
+            else:
+                loss, x0_hat, t = objective.loss(model, x0, text, mask, g)
             if perceptual:
                 terms = perceptual.compute(x0_hat, x0, t)
                 loss = loss + sum(perceptual.weight(k) * v for k, v in terms.items())
@@ -70,7 +83,9 @@ def main(argv=None):
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compile", help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino")
+    ap.add_argument("--modes", default="eager,compile", help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino, "
+                    "eager+tread, eager+repa, eager+tread+repa (components combine)")
+    ap.add_argument("--repa-net", default="vit_large_patch16_dinov3", help="REPA's teacher (a timm name) for +repa")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak, for MFU (H100 989, H200 989)")
     ap.add_argument("--calibration", help="write measured img/s per GPU per resolution here (JSON)")
     args = ap.parse_args(argv)
@@ -87,18 +102,27 @@ def main(argv=None):
     print("-" * len(header), flush=True)
     base: dict = {}
     calib: dict = {}
+    sizes = resolve_model_config(ModelConfig(args.preset))
     for mode in args.modes.split(","):
+        names = mode.split("+")[1:]
+        teacher = None
+        if "repa" in names:  # random frozen weights: the cost is the same
+            from pixeldiff.config import RepaLossConfig
+            from pixeldiff.repa import RepaTeacher
+
+            teacher = RepaTeacher(RepaLossConfig(weight=0.5, net=args.repa_net), sizes.patch_size, device)
+        depth = sizes.depth if "tread" in names else 0
         torch.manual_seed(0)
-        model = PixelDiT(ModelConfig(args.preset), args.text_dim).to(device)
+        model = PixelDiT(ModelConfig(args.preset), args.text_dim, repa_dims=(1024, teacher.dim) if teacher else None,
+                         tread_span=(1, depth - 2) if depth else None).to(device)
         fused = device.type == "cuda"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
         objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
         net = torch.compile(model) if mode == "compile" else model
         perceptual = None
-        if "+" in mode:  # the speedrun's perceptual losses (random frozen weights: the cost is the same)
+        if {"lpips", "dino"} & set(names):  # the speedrun's perceptual losses (random frozen weights: same cost)
             from pixeldiff.perceptual import PerceptualLosses
 
-            names = mode.split("+")[1:]
             losses = LossesConfig(lpips=LpipsLossConfig(weight=0.1 if "lpips" in names else 0.0, downscale=0.5),
                                   dino=DinoLossConfig(weight=0.01 if "dino" in names else 0.0))
             perceptual = PerceptualLosses(losses, device, log=lambda *_: None)
@@ -106,7 +130,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             ips, dt, warm_s, mem = bench(net, objective, opt, res, batch, args.text_len, args.text_dim, device,
-                                         args.steps, args.warmup, autocast, perceptual)
+                                         args.steps, args.warmup, autocast, perceptual, "tread" in names, teacher)
             if mode == "eager":
                 base[res, batch] = ips
             ratio = f"{ips / base[res, batch]:.2f}x" if (res, batch) in base else "-"
