@@ -85,6 +85,9 @@ def header(s: dict) -> list[Text]:
             _line(f"{s['manifest']} — {s['state_reason']}", style="dim")]
 
 
+UNDER_BUDGET = 0.8  # a forecast below this fraction of the cap says the schedule ends far inside the budget
+
+
 def budget(s: dict, width: int) -> list[Text]:
     cap, spent = s["usd_cap"], s["usd_spent"]
     gh, gh_cap = s["gpu_hours"], s["gpu_hours_cap"]
@@ -106,6 +109,8 @@ def budget(s: dict, width: int) -> list[Text]:
             fc_text += f" — {fc['cap']} cap hits first (in {duration(fc.get('seconds_to_cap'))})"
         elif fc["seconds"] is not None:
             fc_text += f" in {duration(fc['seconds'])}"
+            if (fc.get("cap_fraction") or 1.0) < UNDER_BUDGET:
+                fc_text += f", {fc['cap_fraction']:.0%} of the cap"
     wall = f"wall {s['wall_hours_left']:.1f}h left" if s["wall_hours_left"] is not None else "no wall cap"
     off = s["ledger_vs_sacct_pct"]
     recon = f"  |  ledger {off:+.1f}% vs sacct" if off is not None else ""

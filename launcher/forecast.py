@@ -61,7 +61,9 @@ def forecast(step: int, plan: dict, rates: dict, gpus: int, price: float, billed
            "total_gpu_hours": (billed + gpu_s) / 3600 if gpu_s is not None else None,
            "total_usd": (billed + gpu_s) / 3600 * price if gpu_s is not None else None,
            "finish_time": now + seconds if seconds is not None else None, "stages": stages,
-           "cap_hit_first": None, "cap": None}
+           "cap_hit_first": None, "cap": None, "cap_fraction": None}
+    if seconds is not None and gpu_seconds_cap:
+        out["cap_fraction"] = (billed + gpu_s) / gpu_seconds_cap  # < 0.8: the schedule ends far inside the budget
     if seconds is not None:
         hits = []
         if gpu_seconds_cap is not None and billed + gpu_s > gpu_seconds_cap:

@@ -12,7 +12,7 @@ import math
 
 from pixeldiff.config import Manifest
 from pixeldiff.presets import param_count
-from pixeldiff.schedule import budget_gpu_hours, stage_steps
+from pixeldiff.schedule import budget_gpu_hours, resplit, stage_steps
 
 STARTUP_S = 120.0  # a job's start-up before its first step (imports, NCCL, restore), an estimate
 WRITE_BYTES_PER_S = 1e9  # checkpoint write speed to shared storage, an estimate
@@ -45,11 +45,30 @@ def job_plan(m: Manifest, run_hours: float | None, stage_rows: list[dict]) -> di
     }
 
 
+UNDER_BUDGET = 0.8  # a schedule needing less than this fraction of the budget is said to end inside it
+
+
+def planned_steps(m: Manifest) -> tuple[list[int], int]:
+    """Each stage's steps, and how many budget.policy extend_last_stage adds to the last one at the estimated speed
+    (the trainer re-does this at every job's start with the measured speed)."""
+    steps = stage_steps(m)
+    cap = budget_gpu_hours(m)
+    rates = [s.est_img_per_s_per_gpu for s in m.stages]
+    if m.budget.policy != "extend_last_stage" or cap is None or None in rates:
+        return steps, 0
+    ends = tuple(sum(steps[:i + 1]) for i in range(len(steps)))
+    longer = resplit(ends, 0, [s.global_batch for s in m.stages], rates, m.world_size, cap * 3600 / m.world_size,
+                     extend=True)
+    return steps, max(0, longer[-1] - ends[-1])
+
+
 def make_plan(m: Manifest) -> dict:
     gpus = m.world_size
     price = m.budget.gpu_hour_usd
     rows = []
-    for s, steps in zip(m.stages, stage_steps(m)):
+    steps_each, extended = planned_steps(m)
+    steps_each[-1] += extended
+    for s, steps in zip(m.stages, steps_each):
         images = steps * s.global_batch
         hours = images / (s.est_img_per_s_per_gpu * gpus) / 3600 if s.est_img_per_s_per_gpu else None
         gpu_hours = hours * gpus if hours is not None else None
@@ -65,6 +84,17 @@ def make_plan(m: Manifest) -> dict:
     if total_gpu_hours is not None and cap is not None and total_gpu_hours > cap * (1 + 1e-9):
         warnings.append(f"the stages need {total_gpu_hours:.1f} GPU-hours but the budget allows {cap:.1f}: "
                         f"the run will stop before the last stage ends")
+    notes = []
+    if extended:
+        notes.append(f"budget.policy extend_last_stage: {m.stages[-1].name} gets {extended} more steps (to "
+                     f"{steps_each[-1]}) to spend the budget at the estimated speed; each job re-plans this from the "
+                     f"measured speed")
+    elif total_gpu_hours is not None and cap is not None and total_gpu_hours < UNDER_BUDGET * cap:
+        spend = f"${total_gpu_hours * price:,.0f} of ${cap * price:,.0f}" if price else \
+            f"{total_gpu_hours:.1f} of {cap:.1f} GPU-hours"
+        notes.append(f"the schedule ends inside the budget: {sum(r['hours'] for r in known):.1f} h, {spend} "
+                     f"({total_gpu_hours / cap:.0%}); budget.policy extend_last_stage would spend the rest on the "
+                     f"last stage")
     need = m.data.workers + 2  # the training process, the pin-memory thread and the data workers
     if m.cluster.backend == "slurm" and m.cluster.cpus_per_task and m.cluster.cpus_per_task < need:
         warnings.append(f"cluster.cpus_per_task is {m.cluster.cpus_per_task} but each task runs {m.data.workers} data "
@@ -90,6 +120,8 @@ def make_plan(m: Manifest) -> dict:
         "total_usd": total_gpu_hours * price if total_gpu_hours is not None else None,
         "budget": {"usd": m.budget.usd, "wall_hours": m.budget.wall_hours, "gpu_hours": cap, "binding": binding},
         "jobs": job_plan(m, run_hours, rows),
+        "extended_steps": extended,
+        "notes": notes,
         "warnings": warnings,
     }
 
@@ -124,5 +156,6 @@ def format_plan(p: dict) -> str:
                      f"checkpoint ~{j['checkpoint_s_est']:g} s every "
                      f"{'/'.join(f'{x:g}' for x in j['checkpoint_every_min']) or '?'} min; requeue limits: "
                      f"{j['max_timeouts']} timeouts, {j['max_preemptions']} preemptions, {j['max_failures']} failures")
+    lines += [f"note: {n}" for n in p.get("notes", [])]
     lines += [f"warning: {w}" for w in p["warnings"]]
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from pixeldiff.billing import billed_gpu_seconds, gpu_seconds_cap, run_started, trainer_stage_rates
 from pixeldiff.config import BudgetConfig, Manifest
-from pixeldiff.schedule import resplit
+from pixeldiff.schedule import resplit, schedule_seconds
 
 
 LAST_JOB_S = 90.0  # a job ending this close to the budget's end is the run's last
@@ -157,13 +157,26 @@ class JobClock:
         jobs = max(1, math.ceil(left / max(job_s, 1.0)))
         return left - jobs * per_job
 
-    def resplit(self, ends: tuple[int, ...], step: int, now: float | None = None) -> tuple[int, ...] | None:
-        """budget.policy finish_stages: the stage ends that fit what the budget has left, from the measured speed
-        (None: no cap)."""
+    def projection(self, ends: tuple[int, ...], step: int, now: float | None = None) -> tuple[float, float] | None:
+        """(training seconds the schedule still needs at the measured speed, training seconds the budget has left);
+        None without a cap or a known speed for every remaining stage."""
+        now = now or time.time()
+        budget_end = self.limits.budget_end(now, self.billed(now))
+        if budget_end is None:
+            return None
+        need = schedule_seconds(ends, step, [s.global_batch for s in self.m.stages],
+                                trainer_stage_rates(self.metrics, self.m.stages, self.gpus), self.gpus)
+        return None if need is None else (need, self.seconds_left(now, budget_end))
+
+    def resplit(self, ends: tuple[int, ...], step: int, now: float | None = None,
+                extend: bool = False) -> tuple[int, ...] | None:
+        """budget.policy finish_stages (and extend_last_stage, which also lengthens the last stage of a schedule that
+        would end far inside the budget): the stage ends that fit what the budget has left, from the measured
+        speed (None: no cap)."""
         now = now or time.time()
         budget_end = self.limits.budget_end(now, self.billed(now))
         if budget_end is None:
             return None
         return resplit(ends, step, [s.global_batch for s in self.m.stages],
                        trainer_stage_rates(self.metrics, self.m.stages, self.gpus), self.gpus,
-                       self.seconds_left(now, budget_end))
+                       self.seconds_left(now, budget_end), extend=extend)

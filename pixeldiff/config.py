@@ -62,8 +62,9 @@ class BudgetConfig:
     wall_hours: float = 0.0  # wall-clock cap; 0 = no wall-clock cap
     gpu_hour_usd: float = 0.0  # price of one GPU-hour
     # fixed_steps: the stages' steps as planned, stop at the cap; finish_stages: at each job's start, shrink the
-    # remaining stages' steps (same factor each) when the measured throughput says they would not fit the cap
-    policy: Literal["fixed_steps", "finish_stages"] = "fixed_steps"
+    # remaining stages' steps (same factor each) when the measured throughput says they would not fit the cap;
+    # extend_last_stage: the same, and a schedule that would end far inside the cap gets a longer last stage
+    policy: Literal["fixed_steps", "finish_stages", "extend_last_stage"] = "fixed_steps"
 
 
 @dataclass

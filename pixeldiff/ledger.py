@@ -11,7 +11,9 @@ written by rank 0 of a job (pixeldiff.train):
   checkpoint_saved  step, checkpoint, seconds_blocked (the loop waited), seconds_write, bytes, async
                     (written when the save is complete: a background save, a few steps later)
   stage_change      step, stage, previous
-  schedule_change   step, ends, previous (cumulative stage ends; budget.policy finish_stages)
+  schedule_change   step, ends, previous (cumulative stage ends; budget.policy finish_stages, extend_last_stage)
+  under_budget      step, projected_end, projected_gpu_hours, projected_usd, seconds_needed, seconds_left, policy
+                    (at a job's start: the schedule would end far inside the budget at the measured speed)
   warning           message, step
   samples_written   step, grid (its path), seconds (its time sizes the stop margin)
   budget_stop       step, billed_gpu_seconds

@@ -54,21 +54,38 @@ class StageSchedule:
         return min(bisect.bisect_right(self.ends, step), len(self.ends) - 1)
 
 
+FILL = 0.98  # extend_last_stage: plan the schedule to this fraction of the time the budget has left
+EXTEND_BELOW = 0.95  # ... when it needs less than this fraction
+
+
+def schedule_seconds(ends: tuple[int, ...], step: int, batches: list[int], rates: list[float | None],
+                     gpus: int) -> float | None:
+    """Training seconds the schedule still needs from `step` at `rates` (images/s per GPU; None: unknown)."""
+    starts = [0, *ends[:-1]]
+    remaining = [max(0, ends[i] - max(step, starts[i])) for i in range(len(ends))]
+    if any(remaining[i] and (rates[i] is None or rates[i] <= 0) for i in range(len(ends))):
+        return None
+    return sum(remaining[i] * batches[i] / (rates[i] * gpus) for i in range(len(ends)) if remaining[i])
+
+
 def resplit(ends: tuple[int, ...], step: int, batches: list[int], rates: list[float | None], gpus: int,
-            seconds_left: float) -> tuple[int, ...]:
-    """Stage ends that fit the time the budget has left (`budget.policy: finish_stages`).
+            seconds_left: float, extend: bool = False) -> tuple[int, ...]:
+    """Stage ends that fit the time the budget has left (`budget.policy: finish_stages`, `extend_last_stage`).
 
     `rates[i]` is stage i's throughput in images/s per GPU (measured for the stages that ran, estimated for
     the others; None when unknown). When the remaining steps of the current and later stages need more than
     `seconds_left`, each one's remaining steps shrink by the same factor, so every stage still runs (at
-    least one step); otherwise nothing changes: a budget never lengthens the schedule. Finished stages and
-    the steps already taken are kept."""
+    least one step). When they need less than EXTEND_BELOW of it and `extend`, the last stage grows to fill FILL
+    of it; otherwise nothing changes. Finished stages and the steps already taken are kept."""
     cur = StageSchedule(ends).stage_at(step)
     starts = [0, *ends[:-1]]
     remaining = [max(0, ends[i] - max(step, starts[i])) for i in range(len(ends))]
-    if any(rates[i] is None or rates[i] <= 0 for i in range(cur, len(ends)) if remaining[i]):
+    need = schedule_seconds(ends, step, batches, rates, gpus)
+    if need is None:
         return ends
-    need = sum(remaining[i] * batches[i] / (rates[i] * gpus) for i in range(cur, len(ends)))
+    if need < EXTEND_BELOW * seconds_left and extend and rates[-1]:
+        more = int((FILL * seconds_left - need) * rates[-1] * gpus / batches[-1])
+        return (*ends[:-1], ends[-1] + more) if more > 0 else ends
     if need <= seconds_left:
         return ends
     f = max(0.0, seconds_left) / need

@@ -47,6 +47,7 @@ from pixeldiff.weights import random_init_warning
 
 
 DEADLINE_STOP, BUDGET_STOP, DIVERGED = 1000, 1001, 1002  # stop codes above every signal number
+UNDER_BUDGET = 0.8  # a schedule needing less than this fraction of the budget's time left is said to end inside it
 NAN_AT_STEP_ENV = "PIXELDIFF_TEST_NAN_AT_STEP"  # tests only: the loss of step N (1-based), or from N on ("N+"), is NaN
 
 
@@ -352,7 +353,8 @@ class Trainer:
         self.clock = JobClock(m, past, read_jsonl(self.run_dir / "metrics.jsonl"), self.env.world_size,
                               float(job_start or time.time()), under_slurm)
         self.metrics.segment_start(self.env, self.device, st.step, job_start)
-        if m.budget.policy == "finish_stages":
+        self.budget_outlook()
+        if m.budget.policy in ("finish_stages", "extend_last_stage"):
             self.resplit_stages()
         self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
@@ -411,15 +413,39 @@ class Trainer:
         self.log(f"finished at step {st.step}; samples: {grid}")
         return "finished"
 
+    def budget_outlook(self, now: float | None = None) -> None:
+        """At the job's start (rank 0): a schedule that will end far inside the budget at the measured speed is said,
+        in the log and the ledger (`under_budget`: the projected end and cost), not left to stop early unremarked."""
+        seen = self.clock.projection(self.schedule.ends, self.state.step, now) if self.env.is_main else None
+        if seen is None or seen[0] >= UNDER_BUDGET * seen[1]:
+            return
+        need, left = seen
+        now = now or time.time()
+        gpu_h = (self.clock.billed(now) + need * self.env.world_size) / 3600
+        price, cap = self.m.budget.gpu_hour_usd, self.clock.limits.gpu_seconds_cap
+        self.metrics.event("under_budget", step=self.state.step, projected_end=round(now + need, 1),
+                           projected_gpu_hours=round(gpu_h, 3), projected_usd=round(gpu_h * price, 2) if price else None,
+                           seconds_needed=round(need, 1), seconds_left=round(left, 1), policy=self.m.budget.policy)
+        spend = f"${gpu_h * price:,.0f}" if price else f"{gpu_h:.1f} GPU-hours"
+        of = f" of ${cap / 3600 * price:,.0f}" if cap is not None and price else ""
+        more = ("; budget.policy extend_last_stage lengthens the last stage to spend the rest"
+                if self.m.budget.policy == "extend_last_stage" else
+                "; set budget.policy extend_last_stage to spend the rest on the last stage")
+        self.log(f"the schedule ends in {need / 3600:.2f} h at the measured speed, {spend}{of}, with "
+                 f"{(left - need) / 3600:.2f} h of the budget unused{more}")
+
     def resplit_stages(self, now: float | None = None) -> None:
         """budget.policy finish_stages: shrink the remaining stages when the measured throughput says they would not
-        fit the budget (rank 0 decides; every rank takes its answer)."""
-        ends = self.clock.resplit(self.schedule.ends, self.state.step, now) if self.env.is_main else None
+        fit the budget; extend_last_stage: also lengthen the last stage when they would end far inside it (rank 0
+        decides; every rank takes its answer)."""
+        extend = self.m.budget.policy == "extend_last_stage"
+        ends = self.clock.resplit(self.schedule.ends, self.state.step, now, extend=extend) if self.env.is_main else None
         ends = distributed.broadcast_object(ends)
         if ends is None or tuple(ends) == self.schedule.ends:
             return
         self.metrics.event("schedule_change", step=self.state.step, ends=list(ends), previous=list(self.schedule.ends))
-        self.log(f"budget.policy finish_stages: stage ends {list(self.schedule.ends)} -> {list(ends)} to fit the budget")
+        self.log(f"budget.policy {self.m.budget.policy}: stage ends {list(self.schedule.ends)} -> {list(ends)} to fit "
+                 f"the budget")
         self.schedule = StageSchedule(tuple(ends))
         self.state.stage_ends = list(ends)
 

@@ -126,6 +126,48 @@ def test_finish_stages_shrinks_the_remaining_stages_from_the_measured_speed(writ
     assert change["event"] == "schedule_change" and change["previous"] == [100_000, 150_000] and change["ends"] == list(ends)
 
 
+@pytest.mark.parametrize("policy", ["fixed_steps", "extend_last_stage"])
+def test_a_schedule_far_inside_the_budget_is_said_and_extend_last_stage_spends_the_rest(write_manifest, tmp_path,
+                                                                                        policy):
+    """The same fake-clock setting at 4x the speed: 2000 + 500 steps left need ~100 s of the 580 left."""
+    import json
+
+    from launcher.cli import prepare_run_dir
+    from launcher.manifest import load_manifest
+    from pixeldiff.schedule import FILL
+    from pixeldiff.train import Trainer
+
+    path = write_manifest(name=policy, steps=(4000, 500), budget={"usd": 1000, "gpu_hour_usd": 3600.0, "policy": policy})
+    run_dir, _ = prepare_run_dir(load_manifest(path, []), tmp_path)
+    t0 = 1_000_000.0
+    (run_dir / "ledger.jsonl").write_text(json.dumps({"event": "segment_start", "time": t0, "gpus": 1, "step": 0}) + "\n"
+                                          + json.dumps({"event": "segment_end", "time": t0 + 400, "reason": "deadline", "step": 2000}) + "\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": k, "stage": "16px", "img_per_s": 160.0}) + "\n"
+                                                   for k in range(100, 2001, 100)))
+    logged = []
+    tr = Trainer(run_dir, log=logged.append)
+    tr.state.step = 2000
+    tr.clock = JobClock(tr.m, read_jsonl(run_dir / "ledger.jsonl"), read_jsonl(run_dir / "metrics.jsonl"), gpus=1,
+                        start=t0 + 500, under_slurm=False, environ={})
+    tr.budget_outlook(now=t0 + 510)
+    tr.resplit_stages(now=t0 + 510)
+    events = read_jsonl(run_dir / "ledger.jsonl")
+    (under,) = [e for e in events if e["event"] == "under_budget"]
+    need = 2000 / 20.0 + 500 / 5.0  # 16 px at 20 steps/s; 32 px at a quarter of that (4x the pixels)
+    assert under["seconds_needed"] == pytest.approx(need, rel=1e-6)
+    assert under["projected_end"] == pytest.approx(t0 + 510 + need)
+    assert under["projected_usd"] == pytest.approx(400 + 10 + need, rel=1e-3)  # $1 per GPU-s: both jobs + the rest
+    assert any("the schedule ends in" in line and "unused" in line for line in logged)
+    if policy == "fixed_steps":
+        assert tr.schedule.ends == (4000, 4500) and not any(e["event"] == "schedule_change" for e in events)
+        return
+    left = under["seconds_left"]
+    ends = tr.schedule.ends
+    assert ends[0] == 4000 and ends[1] > 4500  # the last stage is lengthened, the first kept
+    assert 2000 / 20.0 + (ends[1] - 4000) / 5.0 == pytest.approx(FILL * left, abs=0.5)
+    assert events[-1]["event"] == "schedule_change" and events[-1]["ends"] == list(ends)
+
+
 def test_the_final_sample_grid_is_inside_the_stop_margin(write_manifest, tmp_path):
     """A measured grid time (this job's, or earlier jobs' samples_written events) moves the stop earlier by 1.5x it."""
     from launcher.cli import prepare_run_dir

@@ -320,3 +320,22 @@ def test_prompt_embeddings_from_a_file_and_a_prompt_it_lacks(tmp_path):
     with pytest.raises(ConfigError, match=r"this run takes \(2, 8, 32\)"):
         make_text_encoder(TextConfig(encoder="precomputed", max_tokens=8, dim=32,
                                      prompt_embeddings=str(tmp_path / "prompts.pt")), "cpu")
+
+
+def test_plan_shows_the_published_schedule_and_says_it_ends_inside_the_budget(capsys):
+    import json
+
+    from conftest import REPO
+
+    speedrun = str(REPO / "manifests" / "speedrun.yaml")
+    assert launch_main(["plan", speedrun, "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert [(r["stage"], r["resolution"], r["global_batch"], r["steps"]) for r in p["stages"]] == [
+        ("512px", 512, 1024, 100_000), ("1024px", 1024, 512, 20_000)]
+    assert p["total_usd"] < 0.8 * p["budget"]["usd"]
+    (note,) = p["notes"]
+    assert note.startswith("the schedule ends inside the budget") and "extend_last_stage" in note
+    assert launch_main(["plan", speedrun, "--json", "--set", "budget.policy=extend_last_stage"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["stages"][0]["steps"] == 100_000 and e["stages"][1]["steps"] == 20_000 + e["extended_steps"]
+    assert 0.95 * e["budget"]["usd"] < e["total_usd"] <= e["budget"]["usd"]  # the rest of the budget is spent

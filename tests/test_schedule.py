@@ -1,3 +1,4 @@
+import pytest
 """Stage boundaries and the budget re-split (pure functions)."""
 
 from pixeldiff.schedule import StageSchedule, resplit
@@ -30,3 +31,15 @@ def test_resplit_keeps_finished_stages_and_every_stage_runs():
 
 def test_resplit_without_a_rate_changes_nothing():
     assert resplit((100, 150), 10, [32, 32], [8.0, None], 4, seconds_left=1) == (100, 150)
+
+
+def test_extend_lengthens_only_the_last_stage_to_fill_the_budget():
+    from pixeldiff.schedule import FILL
+
+    # 60 + 100 steps left at 1 + 0.5 steps/s need 260 s of 1000: the last stage grows to fill 98% of it
+    ends = resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=1000, extend=True)
+    assert ends[0] == 100 and (ends[0] - 40) / 1.0 + (ends[1] - 100) / 0.5 == pytest.approx(FILL * 1000, abs=2)
+    assert resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=165, extend=True) == (100, 150)  # close: kept
+    assert resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=80, extend=True) == \
+        resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=80)  # too long: shrunk as finish_stages does
+    assert resplit((100, 150), 40, [32, 32], [8.0, None], 4, seconds_left=1000, extend=True) == (100, 150)  # no rate
