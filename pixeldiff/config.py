@@ -179,7 +179,7 @@ class TextConfig:
     model: Optional[str] = None  # hf only: a local folder or a model already in the Hugging Face cache
     # precomputed only, one of the two, for the sample grids' prompts: the encoder that made the shards' embeddings
     # ("builtin", or "hf:NAME" with NAME a local folder or cached model: what tools/embed_captions.py --encoder was
-    # given), or a file of the prompts' embeddings (local path or s3://, from tools/embed_captions.py --prompts-out)
+    # given), or a file of the prompts' embeddings (local path or s3://, from tools/embed_prompts.py)
     embedded_by: Optional[str] = None
     prompt_embeddings: Optional[str] = None
 
@@ -467,7 +467,7 @@ def validate(m: Manifest) -> None:
         raise ConfigError("data.text: a run on precomputed caption embeddings must embed its sample prompts the same "
                           "way; set data.text.embedded_by to the encoder that made them ('builtin' or 'hf:NAME', as "
                           "given to tools/embed_captions.py --encoder) or data.text.prompt_embeddings to a file of "
-                          "the prompts' embeddings (tools/embed_captions.py --prompts-out)")
+                          "the prompts' embeddings (tools/embed_prompts.py)")
     eb = d.text.embedded_by
     if eb is not None and (d.text.encoder != "precomputed" or not (eb == "builtin" or (eb.startswith("hf:") and eb[3:].strip()))):
         raise ConfigError(f"data.text.embedded_by: {eb!r}: give 'builtin' or 'hf:NAME' (a local folder or cached "

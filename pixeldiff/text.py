@@ -93,7 +93,7 @@ class HFTextEncoder:
 
 class PromptTable:
     """Precomputed embeddings of the sample prompts (data.text.prompt_embeddings): a torch file of {"prompts": [str],
-    "emb": (P, L, D), "mask": (P, L) bool}, as tools/embed_captions.py --prompts-out writes it."""
+    "emb": (P, L, D), "mask": (P, L) bool}, as tools/embed_prompts.py writes it."""
 
     def __init__(self, path, key: str, max_tokens: int, dim: int):
         try:
@@ -101,7 +101,7 @@ class PromptTable:
             prompts, emb, mask = table["prompts"], table["emb"], table["mask"]
         except Exception as e:  # noqa: BLE001 - not a file of ours
             raise ConfigError(f"{key}: {path} is not a prompt embeddings file ({type(e).__name__}: {e}); write one "
-                              f"with tools/embed_captions.py --prompts-out") from None
+                              f"with tools/embed_prompts.py") from None
         if tuple(emb.shape) != (len(prompts), max_tokens, dim) or tuple(mask.shape) != (len(prompts), max_tokens):
             raise ConfigError(f"{key}: {path} holds embeddings of shape {tuple(emb.shape)}, this run takes "
                               f"({len(prompts)}, {max_tokens}, {dim}) (data.text.max_tokens, data.text.dim)")
@@ -112,8 +112,8 @@ class PromptTable:
         missing = [c for c in captions if c not in self.rows]
         if missing:
             raise ConfigError(f"{self.key}: no embedding for the prompt {missing[0]!r}; it has "
-                              f"{sorted(self.rows)[:4]}; embed the prompts you sample with tools/embed_captions.py "
-                              f"--prompts-out, or set data.text.embedded_by")
+                              f"{sorted(self.rows)[:4]}; embed the prompts you sample with tools/embed_prompts.py "
+                              f"--prompt TEXT, or set data.text.embedded_by")
         idx = torch.tensor([self.rows[c] for c in captions], dtype=torch.long)
         return self.emb[idx], self.mask[idx]
 

@@ -339,3 +339,27 @@ def test_plan_shows_the_published_schedule_and_says_it_ends_inside_the_budget(ca
     e = json.loads(capsys.readouterr().out)
     assert e["stages"][0]["steps"] == 100_000 and e["stages"][1]["steps"] == 20_000 + e["extended_steps"]
     assert 0.95 * e["budget"]["usd"] < e["total_usd"] <= e["budget"]["usd"]  # the rest of the budget is spent
+
+
+def test_embed_prompts_writes_the_file_a_precomputed_run_reads(tmp_path, write_manifest, capsys):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from pixeldiff.config import TextConfig
+    from pixeldiff.text import BuiltinTextEncoder, make_text_encoder
+
+    text = {"encoder": "precomputed", "max_tokens": 8, "dim": 16, "prompt_embeddings": str(tmp_path / "p.pt")}
+    manifest = write_manifest(name="pre", data={"source": "webdataset", "shards": "x-{0..1}.tar", "text": text})
+    tool = [sys.executable, str(REPO / "tools" / "embed_prompts.py"), str(manifest), "--out", str(tmp_path / "p.pt")]
+    proc = subprocess.run([*tool, "--prompt", "a green star"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"data.text.prompt_embeddings: {tmp_path / 'p.pt'}" in proc.stdout
+    enc = make_text_encoder(TextConfig(**text), "cpu")
+    emb, mask = enc.encode(["a red circle on black", "a green star"])  # the manifest's prompt, and the extra one
+    ref, ref_mask = BuiltinTextEncoder(16, 8).encode(["a red circle on black", "a green star"])
+    torch.testing.assert_close(emb, ref.half().float())
+    assert torch.equal(mask, ref_mask)
+    bad = subprocess.run([*tool, "--dim", "32"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "the manifest's data.text has dim 16" in bad.stderr and "Traceback" not in bad.stderr
