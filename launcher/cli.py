@@ -206,7 +206,7 @@ def cmd_cancel(args) -> int:
         active = slurm.queue(submitted_jobs(events))
     except SlurmError as e:
         raise UsageError(f"cannot reach Slurm to cancel the run: {e}") from None
-    t0 = time.time()
+    t0, waited = time.time(), time.monotonic()  # t0 picks the ledger's later events; waits count monotonic seconds
     append_event(ledger_path(run_dir), "cancel_requested", job_ids=sorted(active))
     if not active:
         print(f"no job of {run_dir.name} is queued or running; marked as cancelled")
@@ -219,7 +219,7 @@ def cmd_cancel(args) -> int:
             except SlurmError as e:  # e.g. it ended in between
                 print(f"job {job_id}: could not signal it ({e})")
     # the trainer saves and writes segment_end; then rank 0 records that it will not requeue, and the job ends
-    while time.time() - t0 < args.wait:
+    while time.monotonic() - waited < args.wait:
         if any(e["event"] in ("run_stopped", "requeue_requested") and e["time"] >= t0 for e in events_of(run_dir)):
             break
         try:
@@ -238,8 +238,8 @@ def cmd_cancel(args) -> int:
             slurm.cancel(job_id)
         except SlurmError as e:
             print(f"job {job_id}: scancel failed ({e}); check with squeue")
-    gone_by = time.time() + CANCEL_GONE_S  # scancel returns while the jobs are still COMPLETING: wait until squeue
-    while time.time() < gone_by:          # no longer lists them, so that `status` right after says cancelled
+    gone_by = time.monotonic() + CANCEL_GONE_S  # scancel returns while the jobs are still COMPLETING: wait until
+    while time.monotonic() < gone_by:          # squeue no longer lists them, so that `status` right after says cancelled
         try:
             if not slurm.queue([*active, *late]):
                 break

@@ -275,7 +275,7 @@ class Trainer:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
             self.clock.observe_step(time.perf_counter() - t0)
             self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
-            self.metrics.heartbeat(st.step)
+            self.metrics.heartbeat(st.step, elapsed_s=round(self.clock.elapsed(), 3))
             self.ckpt.poll()  # a background save that finished since the last step
             save = st.step % m.checkpoint.interval_steps == 0
             if (save or st.step % m.logging.metrics_interval == 0) and self.guard.diverged(self.model, check_weights=save):
@@ -336,7 +336,7 @@ class Trainer:
         try:
             self.loop(stop)
         except DataError as e:
-            self.metrics.event("segment_end", reason=f"failed: {e}", step=st.step)
+            self.end_segment(f"failed: {e}", step=st.step)
             raise
         finally:
             self.data.close()
@@ -356,13 +356,17 @@ class Trainer:
                       f"non-finite loss or gradient norm (or the weights were not finite); last good checkpoint: "
                       f"{last or 'none'}")
             self.log(f"error: {reason}; lower optimizer.lr or raise optimizer.max_rollbacks, then run again")
-            self.metrics.event("segment_end", reason=f"failed: {reason}", step=st.step)
+            self.end_segment(f"failed: {reason}", step=st.step)
             return "diverged"
         self.ckpt.save(st.step, final=True)  # complete, marker written, before anything else: a deadline may be near
         self.ckpt.close()
         reason = self.finish()
-        self.metrics.event("segment_end", reason=reason, step=st.step)
+        self.end_segment(reason, step=st.step)
         return reason
+
+    def end_segment(self, reason: str, step: int) -> None:
+        """The ledger's segment_end, with this job's monotonic seconds since its allocation (what billing uses)."""
+        self.metrics.event("segment_end", reason=reason, step=step, elapsed_s=round(self.clock.elapsed(), 3))
 
     def finish(self) -> str:
         """The end of the job after its final save: the samples, the log line. -> the segment's end reason."""
