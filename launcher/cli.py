@@ -66,10 +66,10 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     run_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("checkpoints", "samples", "jobs"):
         (run_dir / sub).mkdir(exist_ok=True)
-    (run_dir / "plan.json").write_text(json.dumps(make_plan(m), indent=1))
-    tmp = run_dir / ".manifest.yaml.tmp"
-    tmp.write_text(dump_yaml(m))
-    os.replace(tmp, existing)
+    for name, text in (("plan.json", json.dumps(make_plan(m), indent=1)), ("manifest.yaml", dump_yaml(m))):
+        tmp = run_dir / f".{name}.{os.getpid()}.tmp"  # the manifest last: its presence says the directory is whole
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
     return run_dir, False
 
 
@@ -113,36 +113,45 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run_slurm(args, m: Manifest) -> int:
-    import fcntl
-
     from launcher.policy import SubmitError, submitted_jobs
     from launcher.rundir import events_of
     from launcher.state import run_over
-    from launcher.submit import submit
+    from launcher.submit import recover_submissions, submission_lock, submit
     from slurm.commands import Slurm, SlurmError
 
-    run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
-    with open(run_dir / "submit.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two `run`s of the same run directory: one submits, the other sees it
-        events = events_of(run_dir)
-        over = run_over(events)
-        if over:
-            print(f"run {m.name} in {run_dir} is {over[0].replace('_', ' ')}; nothing to submit")
-            return 0
-        jobs = submitted_jobs(events)
-        try:
-            active = Slurm(min_interval_s=0).queue(jobs) if jobs else {}
-        except SlurmError as e:
-            raise UsageError(f"cannot ask Slurm whether run {m.name} is already queued: {e}") from None
-        if active:
-            job_id, q = next(iter(active.items()))
-            print(f"run {m.name} is already {q.state.lower()} as job {job_id}: not submitting a second copy")
-        else:
+    run_dir = Path(args.runs_dir) / m.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        # two `run`s of one run directory at the same moment: one creates it and submits, the other waits here,
+        # then sees the job in the ledger and squeue; the job's own resubmission takes the same lock
+        with submission_lock(run_dir):
+            run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
+            events = events_of(run_dir)
+            over = run_over(events)
+            if over:
+                print(f"run {m.name} in {run_dir} is {over[0].replace('_', ' ')}; nothing to submit")
+                return 0
+            slurm = Slurm(min_interval_s=0)
             try:
+                adopted, abandoned = recover_submissions(run_dir, m, events, slurm)
+                jobs = submitted_jobs(events) + adopted
+                active = slurm.queue(jobs) if jobs else {}
+            except SlurmError as e:
+                raise UsageError(f"cannot ask Slurm whether run {m.name} is already queued: {e}") from None
+            for job_id in adopted:
+                print(f"job {job_id} of run {m.name} was submitted by a pixeldiff-launch that was killed before it "
+                      f"recorded it; recorded now")
+            for job_id in abandoned:
+                print(f"job {job_id} of run {m.name} was left by a pixeldiff-launch killed while it submitted "
+                      f"(it could not have started); cancelled it")
+            if active:
+                job_id, q = next(iter(active.items()))
+                print(f"run {m.name} is already {q.state.lower()} as job {job_id}: not submitting a second copy")
+            else:
                 job_id = submit(run_dir, m, why="resume" if resuming else "start")
-            except SubmitError as e:
-                raise UsageError(str(e)) from None
-            print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}: submitted Slurm job {job_id}")
+                print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}: submitted Slurm job {job_id}")
+    except SubmitError as e:
+        raise UsageError(str(e)) from None
     if args.detach:
         print(f"follow it with: pixeldiff-launch watch {run_dir}")
         print(f"stop it cleanly with: pixeldiff-launch cancel {run_dir}")

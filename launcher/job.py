@@ -29,10 +29,11 @@ from pathlib import Path
 
 from launcher.policy import Action, SubmitError, next_action, plan_jobs, since_last
 from launcher.rundir import events_of, ledger_path
-from launcher.submit import submit
+from launcher.submit import submission_lock, submit
 from pixeldiff.config import ConfigError, Manifest, load_resolved
 from pixeldiff.ledger import append_event
 
+RESUBMIT_LOCK_WAIT_S = 600.0  # a `run` on the login node may hold the submission lock meanwhile
 RANK_MODULE = "launcher.job"  # python -m launcher.job RUN_DIR: one rank of the training step
 
 
@@ -153,15 +154,16 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
             act(run_dir, m, Action("resubmit", f"requeue failed: {e}"), environ)
             return
     elif action.kind == "resubmit":
-        if any(e["event"] == "cancel_requested" for e in since_last(events_of(run_dir), "job_submitted")):
-            append_event(led, "run_stopped", reason="cancelled by pixeldiff-launch cancel", kind="cancelled",
-                         job_id=job_id)
-            return
-        if action.requeue_kind:
-            append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind, resubmit=True,
-                         restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
         try:
-            new = submit(run_dir, m, why=action.message)
+            with submission_lock(run_dir, wait_s=RESUBMIT_LOCK_WAIT_S):  # the same lock as `run`: one submission
+                if any(e["event"] == "cancel_requested" for e in since_last(events_of(run_dir), "job_submitted")):
+                    append_event(led, "run_stopped", reason="cancelled by pixeldiff-launch cancel", kind="cancelled",
+                                 job_id=job_id)
+                    return
+                if action.requeue_kind:
+                    append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind, resubmit=True,
+                                 restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
+                new = submit(run_dir, m, why=action.message)
         except SubmitError as e:
             append_event(led, "run_stopped", reason=str(e), kind="budget" if "budget" in str(e) else "failed",
                          job_id=job_id)

@@ -182,3 +182,262 @@ def test_slurms_end_time_is_read_as_durations_on_the_nodes_own_clock():
     t = {"start": controller_start, "end": controller_start + 7200, "run_s": 12.0, "limit_s": 7200.0}
     assert job_window(t, node_now) == (node_now - 12, node_now - 12 + 7200)
     assert job_window({"start": 5.0, "end": 65.0, "run_s": None, "limit_s": None}, 100.0) == (5.0, 65.0)
+
+
+# ------------------------------------------------------------------ processes (real, on the dev Slurm cluster)
+
+# 1 node x 2 tasks, one CPU each, a short two-stage run that fits in one 2-minute job
+SMALL = ("cluster.nodes=1", "cluster.cpus_per_task=1", "stages[0].global_batch=8", "stages[1].global_batch=8",
+         "stages[0].steps=150", "stages[1].steps=50")
+
+
+def unique(name: str) -> str:
+    """Job names are how Slurm is asked here, and the dev cluster keeps every session's jobs: one name per test run."""
+    return f"{name}-{os.getpid()}-{time.time_ns() % 10**6}"
+
+
+def cli_argv(*args) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", *map(str, args)]
+
+
+def cli(args: list, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_argv(*args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def run_args(runs: Path, name: str, *extra) -> list:
+    sets = sum((["--set", s] for s in (*SMALL, f"name={name}")), [])
+    return ["run", DEVCLUSTER, "--runs-dir", runs, *sets, *extra]
+
+
+def ledger(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "ledger.jsonl")
+
+
+def explain(run_dir: Path) -> str:
+    logs = sorted((run_dir / "jobs").glob("*/*_0_log.out"))
+    tails = "\n".join(f"--- {p}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-12:]) for p in logs[-2:])
+    return "ledger:\n" + "\n".join(json.dumps(e)[:200] for e in ledger(run_dir)[-20:]) + "\n" + tails
+
+
+def wait_for(run_dir: Path, done, timeout: float, what: str) -> list[dict]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ev = ledger(run_dir)
+        if done(ev):
+            return ev
+        time.sleep(1)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s\n{explain(run_dir)}")
+
+
+def finished(ev: list[dict]) -> bool:
+    return any(e["event"] == "run_stopped" for e in ev) or any(
+        e["event"] == "segment_end" and e["reason"] in ("finished", "budget") for e in ev)
+
+
+def jobs_named(name: str, env: dict) -> tuple[list[str], list[str]]:
+    """(squeue's job ids, sacct's job ids) of jobs named `name`: what Slurm itself holds for the run."""
+    q = subprocess.run(["squeue", "--noheader", "--format=%i", "--name", name], env=env, capture_output=True,
+                       text=True, timeout=30, check=True).stdout.split()
+    a = subprocess.run(["sacct", "--noheader", "--allocations", "--parsable2", "--format=JobID", "--name", name,
+                        "--starttime", "now-1days"], env=env, capture_output=True, text=True, timeout=30,
+                       check=True).stdout.split()
+    return q, a
+
+
+def submitted(ev: list[dict]) -> list[str]:
+    return [str(e["job_id"]) for e in ev if e["event"] == "job_submitted"]
+
+
+def status_json(run_dir: Path, env: dict) -> tuple[int, dict]:
+    out = cli(["status", run_dir, "--json"], env)
+    return out.returncode, json.loads(out.stdout)
+
+
+def cancel(run_dir: Path, env: dict) -> None:
+    if (run_dir / "ledger.jsonl").exists() and not finished(ledger(run_dir)):
+        cli(["cancel", run_dir, "--wait", "30"], env, timeout=120)
+
+
+AT_THE_SAME_MOMENT = """
+import sys, time
+start = float(sys.argv[1])
+from launcher.cli import main   # imports done before the moment
+while time.time() < start:
+    time.sleep(0.001)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_runs_on_one_run_directory_at_the_same_moment_submit_exactly_one_job(slurm_cluster, tmp_path):
+    """Three `run` commands of a new run, released at the same instant (imports done): one creates the run
+    directory and submits; the others wait on its submission lock, then find the job and submit nothing. Slurm
+    (squeue and sacct, by job name) and the run directory (ledger, submitit's job folders) hold one job."""
+    env, runs, name = slurm_cluster.env, tmp_path / "runs", unique("proc-twice")
+    at = time.time() + 4.0
+    procs = [subprocess.Popen([sys.executable, "-c", AT_THE_SAME_MOMENT, str(at), *map(str, run_args(runs, name, "--detach"))],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    run_dir = runs / name
+    try:
+        texts = [o + e for o, e in outs]
+        assert [p.returncode for p in procs] == [0, 0, 0], texts
+        assert sum("submitted Slurm job" in t for t in texts) == 1, texts
+        assert sum("not submitting a second copy" in t for t in texts) == 2, texts
+        ids = submitted(ledger(run_dir))
+        assert len(ids) == 1, ids
+        assert [e["event"] for e in ledger(run_dir)].count("submission_started") == 1
+        t0 = time.monotonic()
+        while not (q_a := jobs_named(name, env))[1] and time.monotonic() - t0 < 30:
+            time.sleep(1)  # sacct sees a new job a few seconds after its submission
+        q, a = q_a
+        assert q == ids and a == ids, (q, a, ids)
+        assert sorted(p.name for p in (run_dir / "jobs").iterdir() if p.name.isdigit()) == ids
+        # and again, now that the job is queued or running: still one
+        again = cli(run_args(runs, name, "--detach"), env)
+        assert again.returncode == 0 and "not submitting a second copy" in again.stdout, again.stdout + again.stderr
+        assert submitted(ledger(run_dir)) == ids and jobs_named(name, env)[0] == ids
+    finally:
+        cancel(run_dir, env)
+
+
+def test_the_login_node_run_and_watch_killed_with_sigkill_lose_nothing(slurm_cluster, tmp_path):
+    """`run` (its dashboard attached, piped) is SIGKILLed while the job trains, then a live `watch` is too: the job
+    trains on; `status --json` and `watch --once` from new processes show the same run (state, job, stage, the step
+    going on); the run finishes at its last step with every checkpoint valid, and one job was submitted."""
+    env, runs, name = slurm_cluster.env, tmp_path / "runs", unique("proc-kill")
+    run_dir = runs / name
+    log = open(tmp_path / "run.out", "w")
+    longer = ["--set", "stages[0].steps=500", "--set", "stages[1].steps=100"]  # about a minute: killed mid-run
+    run = subprocess.Popen(cli_argv(*run_args(runs, name, *longer)), env=env, cwd=REPO, stdout=log,
+                           stderr=subprocess.STDOUT)
+    try:
+        wait_for(run_dir, lambda ev: any(e["event"] == "checkpoint_saved" for e in ev), 180, "a first checkpoint")
+        assert run.poll() is None, (tmp_path / "run.out").read_text()  # still attached, showing the dashboard
+        rc, before = status_json(run_dir, env)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(timeout=10)
+        log.close()
+        assert "attaching the dashboard" in (tmp_path / "run.out").read_text()
+        job_id = submitted(ledger(run_dir))[0]
+        rc_after, after = status_json(run_dir, env)
+        assert (rc, rc_after) == (10, 10) and before["state"] == after["state"] == "running", (before, after)
+        assert after["jobs"] == before["jobs"] or [j["job_id"] for j in after["jobs"]] == [job_id]
+        assert after["step"] >= before["step"] and after["stage"] in ("32px", "64px")
+        once = cli(["watch", run_dir, "--once"], env)
+        assert once.returncode == 10 and job_id in once.stdout and "running" in once.stdout.lower(), once.stdout
+        q, _ = jobs_named(name, env)
+        assert q == [job_id]  # the job did not notice
+
+        watch = subprocess.Popen(cli_argv("watch", run_dir, "--interval", "1"), env=env, cwd=REPO,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first_line = watch.stdout.readline()
+        assert first_line.strip(), first_line
+        os.kill(watch.pid, signal.SIGKILL)
+        watch.wait(timeout=10)
+        rc3, third = status_json(run_dir, env)
+        assert third["state"] in ("running", "finished") and third["step"] >= after["step"], third
+
+        ev = wait_for(run_dir, finished, 300, "the end of the run")
+        end = [e for e in ev if e["event"] == "segment_end"][-1]
+        assert end["reason"] == "finished" and end["step"] == 600, explain(run_dir)
+        assert (run_dir / "checkpoints" / "step-00000600" / "COMPLETE").exists()
+        for ck in (run_dir / "checkpoints").glob("step-*"):
+            assert (ck / "COMPLETE").exists(), ck  # nothing partial left behind
+        assert submitted(ev) == [job_id] and not any(e["event"] == "job_failed" for e in ev)
+        time.sleep(3)
+        rc4, final = status_json(run_dir, env)
+        assert rc4 == 0 and final["state"] == "finished" and final["step"] == 600, final
+        again = cli(run_args(runs, name, "--detach", *longer), env)
+        assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+        assert submitted(ledger(run_dir)) == [job_id]
+    finally:
+        if run.poll() is None:
+            run.kill()
+        cancel(run_dir, env)
+
+
+SLOW_SBATCH = """#!/bin/sh
+# the real sbatch (the job held, so that it is still queued when the next `run` looks), then a pause before its
+# answer reaches submitit: the window to kill `run` in
+out=$({real} --hold "$@"); rc=$?
+touch {marker}
+sleep 60
+echo "$out"
+exit $rc
+"""
+
+
+def test_run_killed_between_sbatch_and_the_ledger_leaves_no_second_job(slurm_cluster, tmp_path):
+    """`run` SIGKILLed (its whole process group, sbatch too) after sbatch queued the job and before the ledger
+    recorded it. That job could never run (submitit had not yet moved its pickled function into the job's folder).
+    The next `run` finds it in squeue by the token in its comment, cancels it, records that, and submits one job;
+    the run goes on as that job. Two jobs of the run are never queued together."""
+    import shutil
+
+    env, runs, name = dict(slurm_cluster.env), tmp_path / "runs", unique("proc-orphan")
+    run_dir = runs / name
+    bindir, marker = tmp_path / "bin", tmp_path / "sbatch-returned"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text(SLOW_SBATCH.format(real=shutil.which("sbatch", path=env.get("PATH")), marker=marker))
+    (bindir / "sbatch").chmod(0o755)
+    slow = {**env, "PATH": f"{bindir}{os.pathsep}{env.get('PATH', '')}"}
+    run = subprocess.Popen(cli_argv(*run_args(runs, name, "--detach")), env=slow, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not marker.exists():
+            assert run.poll() is None and time.monotonic() - t0 < 90, "sbatch was never called"
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=10)
+        ev = ledger(run_dir)
+        assert [e["event"] for e in ev] == ["submission_started"], ev  # killed before it recorded the job
+        orphan, _ = jobs_named(name, env)
+        assert len(orphan) == 1, orphan  # but Slurm has it
+        again = cli(run_args(runs, name, "--detach"), env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"job {orphan[0]} of run {name} was left by a pixeldiff-launch killed" in again.stdout, again.stdout
+        assert "submitted Slurm job" in again.stdout, again.stdout
+        ev = ledger(run_dir)
+        new = submitted(ev)
+        assert len(new) == 1 and new != orphan
+        gone = [e for e in ev if e["event"] == "submission_abandoned"]
+        assert len(gone) == 1 and gone[0]["job_id"] == orphan[0] and gone[0]["token"] == ev[0]["token"]
+        assert jobs_named(name, env)[0] == new  # only the new job is queued
+        ev = wait_for(run_dir, lambda ev: any(e["event"] == "segment_start" for e in ev), 120, "the job's start")
+        assert [e for e in ev if e["event"] == "segment_start"][0]["job_id"] == new[0]
+        rc, st = status_json(run_dir, env)
+        assert st["state"] in ("running", "finished") and [j["job_id"] for j in st["jobs"]] == new, st["jobs"]
+        third = cli(run_args(runs, name, "--detach"), env)  # nothing left to recover: attaches
+        assert "not submitting a second copy" in third.stdout and submitted(ledger(run_dir)) == new, third.stdout
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        cancel(run_dir, env)
+
+
+# ------------------------------------------------------------------ a detached local run
+
+
+def test_a_detached_local_run_outlives_its_killed_launcher(write_manifest, tmp_path):
+    """`run --detach` of a local run, SIGKILLed right after it started the trainer: the trainer (its own session)
+    trains on; `status` shows it running, then finished at its last step."""
+    path = write_manifest(name="detached", steps=(60, 20))
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.Popen(cli_argv("run", path, "--detach", "--runs-dir", runs), env=env, cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert run.stdout.readline().startswith("starting detached")
+    os.kill(run.pid, signal.SIGKILL)  # during its 1 s look at the trainer
+    run.wait(timeout=10)
+    run_dir = runs / "detached"
+    wait_for(run_dir, lambda ev: any(e["event"] == "segment_start" for e in ev), 60, "the trainer's start")
+    rc, st = status_json(run_dir, env)
+    assert st["state"] in ("running", "finished"), st
+    ev = wait_for(run_dir, finished, 120, "the end of the detached run")
+    assert [e for e in ev if e["event"] == "segment_end"][-1] | {"time": 0, "elapsed_s": 0} == {
+        "event": "segment_end", "time": 0, "elapsed_s": 0, "reason": "finished", "step": 80}
+    time.sleep(1)
+    rc, st = status_json(run_dir, env)
+    assert rc == 0 and st["state"] == "finished" and st["step"] == 80
