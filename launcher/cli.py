@@ -47,6 +47,15 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
+def make_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run directory {path} ({e.strerror}); choose another --runs-dir or "
+                         f"--set name=...") from None
+    return path
+
+
 def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     """Create runs/<name>/ with the resolved manifest and plan, or check an existing one. -> (dir, resuming)."""
     run_dir = runs_dir / m.name
@@ -63,7 +72,7 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
                 f"change 'name' (e.g. --set name={m.name}-2) or --runs-dir"
             )
         return run_dir, True
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     for sub in ("checkpoints", "samples", "jobs"):
         (run_dir / sub).mkdir(exist_ok=True)
     for name, text in (("plan.json", json.dumps(make_plan(m), indent=1)), ("manifest.yaml", dump_yaml(m))):
@@ -119,8 +128,7 @@ def cmd_run_slurm(args, m: Manifest) -> int:
     from launcher.submit import recover_submissions, submission_lock, submit
     from slurm.commands import Slurm, SlurmError
 
-    run_dir = Path(args.runs_dir) / m.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_dir(Path(args.runs_dir) / m.name)
     try:
         # two `run`s of one run directory at the same moment: one creates it and submits, the other waits here,
         # then sees the job in the ledger and squeue; the job's own resubmission takes the same lock
