@@ -420,16 +420,33 @@ def test_run_killed_between_sbatch_and_the_ledger_leaves_no_second_job(slurm_clu
 # ------------------------------------------------------------------ a detached local run
 
 
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # PPid
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_a_detached_local_run_outlives_its_killed_launcher(write_manifest, tmp_path):
-    """`run --detach` of a local run, SIGKILLed right after it started the trainer: the trainer (its own session)
-    trains on; `status` shows it running, then finished at its last step."""
+    """`run --detach` of a local run: its whole process group (a closed terminal) SIGKILLed while it still looks at
+    the trainer it started: the trainer (its own session) trains on; `status` shows it running, then finished at its
+    last step."""
     path = write_manifest(name="detached", steps=(60, 20))
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.Popen(cli_argv("run", path, "--detach", "--runs-dir", runs), env=env, cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert run.stdout.readline().startswith("starting detached")
-    os.kill(run.pid, signal.SIGKILL)  # during its 1 s look at the trainer
+    t0 = time.monotonic()
+    while not (trainer := children_of(run.pid)) and run.poll() is None and time.monotonic() - t0 < 30:
+        time.sleep(0.01)
+    assert trainer and run.poll() is None, "the trainer did not start while `run` looked at it"
+    os.killpg(run.pid, signal.SIGKILL)  # during its 1 s look at the trainer
     run.wait(timeout=10)
     run_dir = runs / "detached"
     wait_for(run_dir, lambda ev: any(e["event"] == "segment_start" for e in ev), 60, "the trainer's start")
