@@ -47,6 +47,15 @@ def _flatten(d, prefix="") -> dict:
     return out
 
 
+def make_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the run directory {path} ({e.strerror}); choose another --runs-dir or "
+                         f"--set name=...") from None
+    return path
+
+
 def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     """Create runs/<name>/ with the resolved manifest and plan, or check an existing one. -> (dir, resuming)."""
     run_dir = runs_dir / m.name
@@ -63,13 +72,13 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
                 f"change 'name' (e.g. --set name={m.name}-2) or --runs-dir"
             )
         return run_dir, True
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(run_dir)
     for sub in ("checkpoints", "samples", "jobs"):
         (run_dir / sub).mkdir(exist_ok=True)
-    (run_dir / "plan.json").write_text(json.dumps(make_plan(m), indent=1))
-    tmp = run_dir / ".manifest.yaml.tmp"
-    tmp.write_text(dump_yaml(m))
-    os.replace(tmp, existing)
+    for name, text in (("plan.json", json.dumps(make_plan(m), indent=1)), ("manifest.yaml", dump_yaml(m))):
+        tmp = run_dir / f".{name}.{os.getpid()}.tmp"  # the manifest last: its presence says the directory is whole
+        tmp.write_text(text)
+        os.replace(tmp, run_dir / name)
     return run_dir, False
 
 
@@ -113,36 +122,44 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run_slurm(args, m: Manifest) -> int:
-    import fcntl
-
     from launcher.policy import SubmitError, submitted_jobs
     from launcher.rundir import events_of
     from launcher.state import run_over
-    from launcher.submit import submit
+    from launcher.submit import recover_submissions, submission_lock, submit
     from slurm.commands import Slurm, SlurmError
 
-    run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
-    with open(run_dir / "submit.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two `run`s of the same run directory: one submits, the other sees it
-        events = events_of(run_dir)
-        over = run_over(events)
-        if over:
-            print(f"run {m.name} in {run_dir} is {over[0].replace('_', ' ')}; nothing to submit")
-            return 0
-        jobs = submitted_jobs(events)
-        try:
-            active = Slurm(min_interval_s=0).queue(jobs) if jobs else {}
-        except SlurmError as e:
-            raise UsageError(f"cannot ask Slurm whether run {m.name} is already queued: {e}") from None
-        if active:
-            job_id, q = next(iter(active.items()))
-            print(f"run {m.name} is already {q.state.lower()} as job {job_id}: not submitting a second copy")
-        else:
+    run_dir = make_dir(Path(args.runs_dir) / m.name)
+    try:
+        # two `run`s of one run directory at the same moment: one creates it and submits, the other waits here,
+        # then sees the job in the ledger and squeue; the job's own resubmission takes the same lock
+        with submission_lock(run_dir):
+            run_dir, resuming = prepare_run_dir(m, Path(args.runs_dir))
+            events = events_of(run_dir)
+            over = run_over(events)
+            if over:
+                print(f"run {m.name} in {run_dir} is {over[0].replace('_', ' ')}; nothing to submit")
+                return 0
+            slurm = Slurm(min_interval_s=0)
             try:
+                adopted, abandoned = recover_submissions(run_dir, m, events, slurm)
+                jobs = submitted_jobs(events) + adopted
+                active = slurm.queue(jobs) if jobs else {}
+            except SlurmError as e:
+                raise UsageError(f"cannot ask Slurm whether run {m.name} is already queued: {e}") from None
+            for job_id in adopted:
+                print(f"job {job_id} of run {m.name} was submitted by a pixeldiff-launch that was killed before it "
+                      f"recorded it; recorded now")
+            for job_id in abandoned:
+                print(f"job {job_id} of run {m.name} was left by a pixeldiff-launch killed while it submitted "
+                      f"(it could not have started); cancelled it")
+            if active:
+                job_id, q = next(iter(active.items()))
+                print(f"run {m.name} is already {q.state.lower()} as job {job_id}: not submitting a second copy")
+            else:
                 job_id = submit(run_dir, m, why="resume" if resuming else "start")
-            except SubmitError as e:
-                raise UsageError(str(e)) from None
-            print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}: submitted Slurm job {job_id}")
+                print(f"{'resuming' if resuming else 'starting'} {m.name} in {run_dir}: submitted Slurm job {job_id}")
+    except SubmitError as e:
+        raise UsageError(str(e)) from None
     if args.detach:
         print(f"follow it with: pixeldiff-launch watch {run_dir}")
         print(f"stop it cleanly with: pixeldiff-launch cancel {run_dir}")
@@ -206,7 +223,7 @@ def cmd_cancel(args) -> int:
         active = slurm.queue(submitted_jobs(events))
     except SlurmError as e:
         raise UsageError(f"cannot reach Slurm to cancel the run: {e}") from None
-    t0 = time.time()
+    t0, waited = time.time(), time.monotonic()  # t0 picks the ledger's later events; waits count monotonic seconds
     append_event(ledger_path(run_dir), "cancel_requested", job_ids=sorted(active))
     if not active:
         print(f"no job of {run_dir.name} is queued or running; marked as cancelled")
@@ -219,7 +236,7 @@ def cmd_cancel(args) -> int:
             except SlurmError as e:  # e.g. it ended in between
                 print(f"job {job_id}: could not signal it ({e})")
     # the trainer saves and writes segment_end; then rank 0 records that it will not requeue, and the job ends
-    while time.time() - t0 < args.wait:
+    while time.monotonic() - waited < args.wait:
         if any(e["event"] in ("run_stopped", "requeue_requested") and e["time"] >= t0 for e in events_of(run_dir)):
             break
         try:
@@ -238,8 +255,8 @@ def cmd_cancel(args) -> int:
             slurm.cancel(job_id)
         except SlurmError as e:
             print(f"job {job_id}: scancel failed ({e}); check with squeue")
-    gone_by = time.time() + CANCEL_GONE_S  # scancel returns while the jobs are still COMPLETING: wait until squeue
-    while time.time() < gone_by:          # no longer lists them, so that `status` right after says cancelled
+    gone_by = time.monotonic() + CANCEL_GONE_S  # scancel returns while the jobs are still COMPLETING: wait until
+    while time.monotonic() < gone_by:          # squeue no longer lists them, so that `status` right after says cancelled
         try:
             if not slurm.queue([*active, *late]):
                 break

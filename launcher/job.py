@@ -29,10 +29,11 @@ from pathlib import Path
 
 from launcher.policy import Action, SubmitError, next_action, plan_jobs, since_last
 from launcher.rundir import events_of, ledger_path
-from launcher.submit import submit
+from launcher.submit import submission_lock, submit
 from pixeldiff.config import ConfigError, Manifest, load_resolved
 from pixeldiff.ledger import append_event
 
+RESUBMIT_LOCK_WAIT_S = 600.0  # a `run` on the login node may hold the submission lock meanwhile
 RANK_MODULE = "launcher.job"  # python -m launcher.job RUN_DIR: one rank of the training step
 
 
@@ -110,6 +111,16 @@ def failed_nodes(run_dir: Path, world: int, environ=os.environ, wait_s: float = 
     return names, first, False
 
 
+def job_window(t: dict, now: float) -> tuple[float | None, float | None]:
+    """(start, end) of the running job on this node's clock, from slurm.parse.job_times of `scontrol show job`
+    read at `now`: Slurm's RunTime and TimeLimit are durations, so now - RunTime and that + TimeLimit hold even when
+    this node's clock differs from the controller's; StartTime and EndTime (the controller's clock) otherwise."""
+    if t.get("run_s") is not None and t.get("limit_s") is not None:
+        start = now - t["run_s"]
+        return start, start + t["limit_s"]
+    return t.get("start"), t.get("end")
+
+
 def slurm_times(job_id: str) -> tuple[float | None, float | None]:
     """(start, end) of the running job, from `scontrol show job` (None when Slurm does not say)."""
     from slurm.commands import Slurm, SlurmError
@@ -120,7 +131,7 @@ def slurm_times(job_id: str) -> tuple[float | None, float | None]:
     except SlurmError as e:
         print(f"pixeldiff: cannot read the job's end time from Slurm ({e}); relying on the USR2 signal", flush=True)
         return None, None
-    return t["start"], t["end"]
+    return job_window(t, time.time())
 
 
 def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
@@ -143,15 +154,16 @@ def act(run_dir: Path, m: Manifest, action: Action, environ=os.environ) -> None:
             act(run_dir, m, Action("resubmit", f"requeue failed: {e}"), environ)
             return
     elif action.kind == "resubmit":
-        if any(e["event"] == "cancel_requested" for e in since_last(events_of(run_dir), "job_submitted")):
-            append_event(led, "run_stopped", reason="cancelled by pixeldiff-launch cancel", kind="cancelled",
-                         job_id=job_id)
-            return
-        if action.requeue_kind:
-            append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind, resubmit=True,
-                         restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
         try:
-            new = submit(run_dir, m, why=action.message)
+            with submission_lock(run_dir, wait_s=RESUBMIT_LOCK_WAIT_S):  # the same lock as `run`: one submission
+                if any(e["event"] == "cancel_requested" for e in since_last(events_of(run_dir), "job_submitted")):
+                    append_event(led, "run_stopped", reason="cancelled by pixeldiff-launch cancel", kind="cancelled",
+                                 job_id=job_id)
+                    return
+                if action.requeue_kind:
+                    append_event(led, "requeue_requested", job_id=job_id, kind=action.requeue_kind, resubmit=True,
+                                 restart=int(environ.get("SLURM_RESTART_COUNT", 0)))
+                new = submit(run_dir, m, why=action.message)
         except SubmitError as e:
             append_event(led, "run_stopped", reason=str(e), kind="budget" if "budget" in str(e) else "failed",
                          job_id=job_id)
@@ -305,12 +317,14 @@ def supervise(run_dir: Path, environ=os.environ) -> str:
     run_dir = Path(run_dir)
     m = load_resolved(run_dir / "manifest.yaml")
     noted = NotedSignals()
+    wall0, mono0 = time.time(), time.monotonic()  # the job's bill counts by the monotonic clock (pixeldiff/budget.py)
     start, job_end = slurm_times(environ["SLURM_JOB_ID"])
     cpus = int(environ.get("SLURM_CPUS_PER_TASK", 0) or 0)
     rc, lines = run_step(srun_command(m, run_dir, cpus), step_environment(m, environ, start, job_end, cpus))
     # Slurm bills until the job ends, not until rank 0's segment_end: the tasks' exit and this decision count too
+    elapsed = {"elapsed_s": round(max(0.0, wall0 - start) + time.monotonic() - mono0, 3)} if start else {}
     append_event(ledger_path(run_dir), "step_ended", job_id=environ.get("SLURM_JOB_ID", ""),
-                 restart=int(environ.get("SLURM_RESTART_COUNT", 0)), exit_status=rc)
+                 restart=int(environ.get("SLURM_RESTART_COUNT", 0)), exit_status=rc, **elapsed)
     end = step_dir(run_dir, "ranks", environ) / "end.json"
     jobs = plan_jobs(m)
     if end.exists():

@@ -2,6 +2,10 @@
 
 Every problem a user can make raises `ConfigError` with a message that names the
 file/line or key path and the fix; the CLI prints it and exits 2.
+
+A manifest never carries a credential: the resolved manifest is written to the run directory and
+`cluster.env` into the job script, so a password in a URL, a presigned URL or a secret-named
+`cluster.env` variable is refused (credentials come from the environment or an AWS profile).
 """
 
 from __future__ import annotations
@@ -107,10 +111,63 @@ def apply_override(data: dict, assignment: str) -> None:
     node[last] = value
 
 
+# scheme://user:password@host  and the query parameters of presigned URLs (S3 SigV4/V2, GCS, Azure SAS)
+_URL_PASSWORD = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<password>[^/@\s]+)@")
+_URL_SIGNED = re.compile(r"[?&](X-Amz-Credential|X-Amz-Signature|X-Amz-Security-Token|AWSAccessKeyId|Signature|"
+                         r"X-Goog-Signature|sig)=", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|ACCESS_KEY_ID|CREDENTIALS?|"
+                          r"PRIVATE_KEY|AUTH)(_|$)", re.IGNORECASE)
+_NOT_SECRET_SUFFIX = ("_FILE", "_PATH", "_DIR")  # AWS_SHARED_CREDENTIALS_FILE names a file, not a secret
+
+
+def _key_path(parts: list) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _strings(node, parts=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, (*parts, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, (*parts, i))
+    elif isinstance(node, str):
+        yield list(parts), node
+
+
+def refuse_credentials(data: dict) -> None:
+    """ConfigError when the raw manifest (after --set) would carry a secret into the run directory or the job
+    script. Checked before anything else reads the values, so that no other message repeats the secret."""
+    fix = ("credentials never go in the manifest (it is copied into the run directory): export them in the shell "
+           "that runs pixeldiff-launch (sbatch passes the environment to the job) or name an AWS profile in "
+           "data.s3.profile")
+    env = data.get("cluster", {}).get("env", {}) if isinstance(data.get("cluster"), dict) else {}
+    for name in env if isinstance(env, dict) else ():
+        if isinstance(name, str) and _SECRET_NAME.search(name) and not name.upper().endswith(_NOT_SECRET_SUFFIX):
+            raise ConfigError(f"cluster.env.{name}: looks like a credential, and cluster.env is written to the "
+                              f"run directory and the job script; remove it: {fix}")
+    for parts, value in _strings(data):
+        where = _key_path(parts)
+        if parts[:2] == ["cluster", "env"]:
+            continue
+        hit = _URL_PASSWORD.match(value.strip())
+        if hit:
+            shown = f"{hit['scheme']}{hit['user']}:***@{value.strip()[hit.end():]}"
+            raise ConfigError(f"{where}: the URL {shown} carries a password; give the URL without "
+                              f"'user:password@': {fix}")
+        if "://" in value and _URL_SIGNED.search(value):
+            raise ConfigError(f"{where}: a presigned URL (its query string is a credential, and it expires); give "
+                              f"the plain s3:// URL: {fix}")
+
+
 def load_manifest(path: Path, overrides: list[str] = ()) -> Manifest:
     data = read_yaml(path)
     for o in overrides:
         apply_override(data, o)
+    refuse_credentials(data)
     m = from_dict(Manifest, data)
     validate(m)
     return m

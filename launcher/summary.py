@@ -201,7 +201,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
                       "max_step": s.max_step, "billed_gpu_seconds": round(s.billed, 3)} for s in segs],
         "jobs": job_rows(events, segs, view, now),
         "recent_events": [{"time": e["time"], "event": e["event"], "text": describe(e)}
-                          for e in [e for e in events if e["event"] != "heartbeat"][-RECENT_EVENTS:]],
+                          for e in [e for e in events if e["event"] not in ("heartbeat", "submission_started")][-RECENT_EVENTS:]],
         "last_heartbeat": max((e["time"] for e in events if e["event"] == "heartbeat"), default=None),
         "newest_sample": newest_sample(run.run_dir),
         "latest": {"step": last.get("step"), "time": last.get("time"), "losses": losses, "lr": last.get("lr"),

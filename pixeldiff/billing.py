@@ -11,7 +11,9 @@ decision are billed too); the given `now` while the run is live (the last segmen
 the job run's accounting record, when the caller matched one (`Segment.acct`, anything with
 `.start` and `.end`: launcher/slurmview.py pairs sacct's records); its last sign of life (the
 last trainer event, `SEGMENT_EVENTS`, or metrics record of the segment).
-Billed GPU-seconds = GPUs x (end - start).
+Billed GPU-seconds = GPUs x (end - start). Where an end event carries `elapsed_s` (the job's monotonic seconds
+since its allocation: pixeldiff/budget.py JobClock, the supervisor), the end is start + elapsed_s, so that a
+wall clock stepped during the job does not bill the step.
 
 Caps. The dollar cap in GPU-seconds is `usd / gpu_hour_usd * 3600`; the wall clock counts from
 the first segment's start.
@@ -72,6 +74,15 @@ def segment_start(e: dict) -> float:
     return float(min(e.get("job_start") or e["time"], e["time"]))
 
 
+def event_end(s: Segment, e: dict) -> float:
+    """How far into segment `s` an event of its job is: start + its `elapsed_s` (monotonic) when it has one, else
+    its wall time."""
+    elapsed = e.get("elapsed_s")
+    if isinstance(elapsed, (int, float)) and elapsed >= 0:
+        return s.start + float(elapsed)
+    return float(e["time"])
+
+
 def build_segments(events: list[dict], metrics: list[dict]) -> list[Segment]:
     """Segments from the ledger, with their trainer events and metrics records (by time); not yet closed."""
     segs: list[Segment] = []
@@ -85,21 +96,21 @@ def build_segments(events: list[dict], metrics: list[dict]) -> list[Segment]:
         if kind == "step_ended":  # the job's supervisor, after its training step ended: billed until now
             own = [s for s in segs if s.job_id == str(e.get("job_id")) and s.restart == int(e.get("restart", 0) or 0)]
             if own and own[-1].end_reason is not None:
-                own[-1].end = max(own[-1].end, float(e["time"]))
+                own[-1].end = max(own[-1].end, event_end(own[-1], e))
             elif own:
-                own[-1].last_seen = max(own[-1].last_seen, float(e["time"]))
+                own[-1].last_seen = max(own[-1].last_seen, event_end(own[-1], e))
             continue
         # the launcher's events say nothing of a job that may be long dead
         if not segs or kind not in SEGMENT_EVENTS or segs[-1].end_reason is not None:
             continue
         s = segs[-1]
-        s.last_seen = max(s.last_seen, float(e["time"]))
+        s.last_seen = max(s.last_seen, event_end(s, e))
         if isinstance(e.get("step"), int):
             s.max_step = max(s.max_step, e["step"])
         if kind == "checkpoint_saved":
             s.checkpoints.append((float(e["time"]), int(e.get("step", 0)), float(e.get("seconds_blocked", 0.0) or 0.0)))
         elif kind == "segment_end":
-            s.end, s.end_source, s.end_reason = float(e["time"]), "segment_end", str(e.get("reason", ""))
+            s.end, s.end_source, s.end_reason = event_end(s, e), "segment_end", str(e.get("reason", ""))
             s.end_step = e.get("step")
     starts = [s.start for s in segs]
     for r in metrics:

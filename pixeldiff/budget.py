@@ -13,6 +13,16 @@ the slowest save measured so far, or an estimate before the first), and a fixed 
 Everything here is a pure function of the times it is given, so tests use a fake clock; `JobClock`
 holds one job's measured step and save times and asks these functions. Torch-free: the login node
 imports it.
+
+Which clock. The limits are wall-clock times (Slurm's end time is one; the wall-clock budget spans
+jobs, nodes and reboots, which no monotonic clock does), but inside a job every decision measures a
+duration: `JobClock` reads the wall clock once, at its start, and from then on counts with the
+monotonic clock (`JobClock.now`). A wall clock stepped mid-job (NTP, an operator) then moves neither
+the job's stop nor its bill: Slurm's own limit is a duration since the allocation too. The bill's
+start-up part (Slurm's allocation start to the trainer's start) is the one wall-clock difference,
+taken at that single reading and never negative. The ledger's `segment_end`, `heartbeat` and the
+supervisor's `step_ended` carry `elapsed_s` (monotonic seconds since the allocation), which billing
+prefers over the difference of wall timestamps.
 """
 
 from __future__ import annotations
@@ -95,8 +105,11 @@ class JobClock:
     `past` is the ledger before this job's `segment_start`; `metrics` the run's metrics records so far."""
 
     def __init__(self, m: Manifest, past: list[dict], metrics: list[dict], gpus: int, start: float,
-                 under_slurm: bool, environ=os.environ):
+                 under_slurm: bool, environ=os.environ, wall=time.time, monotonic=time.monotonic):
         self.m, self.gpus, self.start, self.metrics = m, gpus, start, metrics
+        self._monotonic = monotonic
+        self._wall0, self._mono0 = wall(), monotonic()  # the one wall-clock reading of the job
+        self.startup_s = max(0.0, self._wall0 - start)  # Slurm's allocation to now, billed too
         self.limits = Limits.from_run(m.budget, past, gpus=gpus, environ=environ, now=start)
         self.job_s = m.cluster.max_job_hours * 3600
         if under_slurm:  # another job follows this one only if the budget can pay for it
@@ -114,6 +127,16 @@ class JobClock:
         if recent:
             self.step_s = sum(recent) / len(recent)
 
+    def now(self) -> float:
+        """The wall time as this job counts it: its one wall reading plus the monotonic seconds since."""
+        return self._wall0 + (self._monotonic() - self._mono0)
+
+    def elapsed(self, now: float | None = None) -> float:
+        """Seconds since Slurm's allocation (or the trainer's start): what this job is billed for so far."""
+        if now is None:
+            return self.startup_s + (self._monotonic() - self._mono0)
+        return max(0.0, now - self.start)
+
     def observe_step(self, seconds: float) -> None:
         self.step_s = seconds if not self.step_s else 0.9 * self.step_s + 0.1 * seconds
 
@@ -127,12 +150,12 @@ class JobClock:
         self._measured_save = True
 
     def billed(self, now: float | None = None) -> float:
-        return self.billed_before + self.gpus * ((now or time.time()) - self.start)
+        return self.billed_before + self.gpus * self.elapsed(now)
 
     def stop_reason(self, now: float | None = None) -> str | None:
         """'deadline' or 'budget' when the job's end or the budget is within the margin, else None."""
-        now = now or time.time()
-        return self.limits.check(now, self.billed(now), self.step_s, self.checkpoint_s,
+        t = self.now() if now is None else now
+        return self.limits.check(t, self.billed(now), self.step_s, self.checkpoint_s,
                                  self.samples_s or self.samples_estimate())
 
     def samples_estimate(self) -> float:
@@ -144,9 +167,9 @@ class JobClock:
         return passes * images * self.step_s / (3 * max(1, last.global_batch // self.gpus))
 
     def next_job_affordable(self, now: float | None = None) -> bool:
-        now = now or time.time()
-        budget_end = self.limits.budget_end(now, self.billed(now))
-        return budget_end is None or next_job_possible(budget_end - now, self.job_s)
+        t = self.now() if now is None else now
+        budget_end = self.limits.budget_end(t, self.billed(now))
+        return budget_end is None or next_job_possible(budget_end - t, self.job_s)
 
     def seconds_left(self, now: float, budget_end: float) -> float:
         """Training seconds before the budget ends: less this job's start-up (as measured) for each job still to
@@ -160,23 +183,23 @@ class JobClock:
     def projection(self, ends: tuple[int, ...], step: int, now: float | None = None) -> tuple[float, float] | None:
         """(training seconds the schedule still needs at the measured speed, training seconds the budget has left);
         None without a cap or a known speed for every remaining stage."""
-        now = now or time.time()
-        budget_end = self.limits.budget_end(now, self.billed(now))
+        t = self.now() if now is None else now
+        budget_end = self.limits.budget_end(t, self.billed(now))
         if budget_end is None:
             return None
         need = schedule_seconds(ends, step, [s.global_batch for s in self.m.stages],
                                 trainer_stage_rates(self.metrics, self.m.stages, self.gpus), self.gpus)
-        return None if need is None else (need, self.seconds_left(now, budget_end))
+        return None if need is None else (need, self.seconds_left(t, budget_end))
 
     def resplit(self, ends: tuple[int, ...], step: int, now: float | None = None,
                 extend: bool = False) -> tuple[int, ...] | None:
         """budget.policy finish_stages (and extend_last_stage, which also lengthens the last stage of a schedule that
         would end far inside the budget): the stage ends that fit what the budget has left, from the measured
         speed (None: no cap)."""
-        now = now or time.time()
-        budget_end = self.limits.budget_end(now, self.billed(now))
+        t = self.now() if now is None else now
+        budget_end = self.limits.budget_end(t, self.billed(now))
         if budget_end is None:
             return None
         return resplit(ends, step, [s.global_batch for s in self.m.stages],
                        trainer_stage_rates(self.metrics, self.m.stages, self.gpus), self.gpus,
-                       self.seconds_left(now, budget_end), extend=extend)
+                       self.seconds_left(t, budget_end), extend=extend)

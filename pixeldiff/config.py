@@ -357,6 +357,11 @@ def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj)
 
 
+def _require(path: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: must be {expected}, got {value}")
+
+
 def validate(m: Manifest) -> None:
     """Cross-field checks, run once after loading. Raises ConfigError naming the field and the fix."""
     if not m.name or any(c in m.name for c in "/ \\"):
@@ -431,8 +436,11 @@ def validate(m: Manifest) -> None:
     if share > 1 + 1e-9:
         raise ConfigError(f"stages: budget_share values add up to {share:g}, more than 1")
     o = m.optimizer
-    if o.lr <= 0 or o.warmup_steps < 0 or o.grad_clip < 0 or not 0 <= o.ema_decay < 1 or o.ema_every < 1:
-        raise ConfigError("optimizer: lr must be > 0, warmup_steps >= 0, grad_clip >= 0, ema_decay in [0, 1), ema_every >= 1")
+    _require("optimizer.lr", o.lr, o.lr > 0, "> 0")
+    _require("optimizer.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0")
+    _require("optimizer.grad_clip", o.grad_clip, o.grad_clip >= 0, ">= 0 (0: no clipping)")
+    _require("optimizer.ema_decay", o.ema_decay, 0 <= o.ema_decay < 1, "in [0, 1)")
+    _require("optimizer.ema_every", o.ema_every, o.ema_every >= 1, ">= 1")
     if len(o.betas) != 2:
         raise ConfigError(f"optimizer.betas: expected two numbers, got {o.betas}")
     if not all(0 <= b < 1 for b in o.betas):
@@ -440,8 +448,9 @@ def validate(m: Manifest) -> None:
     if o.eps < 0 or o.weight_decay < 0:
         raise ConfigError(f"optimizer: eps and weight_decay must be >= 0, got {o.eps} and {o.weight_decay}")
     ob = m.objective
-    if not 0 < ob.t_clamp < 1 or ob.t_std <= 0 or ob.shift_base <= 0 or ob.shift_reference_px <= 0:
-        raise ConfigError("objective: t_clamp must be in (0, 1), t_std, shift_base and shift_reference_px > 0")
+    _require("objective.t_clamp", ob.t_clamp, 0 < ob.t_clamp < 1, "in (0, 1)")
+    for key in ("t_std", "shift_base", "shift_reference_px"):
+        _require(f"objective.{key}", getattr(ob, key), getattr(ob, key) > 0, "> 0")
     for key in ("caption_dropout", "uniform_prob"):
         if not 0 <= getattr(ob, key) <= 1:
             raise ConfigError(f"objective.{key}: must be in [0, 1], got {getattr(ob, key)}")
@@ -454,8 +463,9 @@ def validate(m: Manifest) -> None:
         if not m.checkpoint.dir.strip() or scheme not in ("", "s3"):
             raise ConfigError(f"checkpoint.dir: {m.checkpoint.dir!r} must be a local path or an s3:// URL (or null)")
     lg = m.logging
-    if lg.metrics_interval <= 0 or lg.sample_interval < 0 or lg.sample_steps <= 0:
-        raise ConfigError("logging: metrics_interval and sample_steps must be > 0, sample_interval >= 0")
+    _require("logging.metrics_interval", lg.metrics_interval, lg.metrics_interval > 0, "> 0 steps")
+    _require("logging.sample_steps", lg.sample_steps, lg.sample_steps > 0, "> 0 sampler steps")
+    _require("logging.sample_interval", lg.sample_interval, lg.sample_interval >= 0, ">= 0 steps (0: at the end only)")
     if not lg.sample_prompts:
         raise ConfigError("logging.sample_prompts: give at least one prompt")
     d = m.data
@@ -479,8 +489,11 @@ def validate(m: Manifest) -> None:
     if (d.text.encoder == "hf") != bool(d.text.model):
         raise ConfigError("data.text.model: give a Hugging Face model (local folder or cached name) exactly when "
                           "data.text.encoder is 'hf'")
-    if d.workers < 0 or d.prefetch < 1 or d.retries < 0 or d.retry_backoff_s < 0 or d.block_size_mb < 1:
-        raise ConfigError("data: workers and retries must be >= 0, prefetch and block_size_mb >= 1, retry_backoff_s >= 0")
+    _require("data.workers", d.workers, d.workers >= 0, ">= 0 (0: read in the training process)")
+    _require("data.retries", d.retries, d.retries >= 0, ">= 0")
+    _require("data.prefetch", d.prefetch, d.prefetch >= 1, ">= 1")
+    _require("data.block_size_mb", d.block_size_mb, d.block_size_mb >= 1, ">= 1")
+    _require("data.retry_backoff_s", d.retry_backoff_s, d.retry_backoff_s >= 0, ">= 0")
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer: must be >= 0 samples (0 or 1: no shuffle), got {d.shuffle_buffer}")
     if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*(:[^:\s]+)?", d.caption_key):
@@ -490,8 +503,9 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"data: max_pixels must be > 0 and max_bad_fraction in [0, 1], got {d.max_pixels} and {d.max_bad_fraction}")
     if d.text.max_tokens < 1 or d.text.dim < 1:
         raise ConfigError(f"data.text: max_tokens and dim must be >= 1, got {d.text.max_tokens} and {d.text.dim}")
-    if m.losses.lpips.weight < 0 or m.losses.dino.weight < 0:
-        raise ConfigError("losses: weights must be >= 0")
+    for key in ("lpips", "dino"):
+        w = getattr(m.losses, key).weight
+        _require(f"losses.{key}.weight", w, w >= 0, ">= 0 (0: the loss is off)")
     for key in ("lpips", "dino"):
         lc = getattr(m.losses, key)
         if lc.max_t is not None and not 0 < lc.max_t <= 1:

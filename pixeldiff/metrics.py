@@ -50,12 +50,12 @@ class MetricsLogger:
         self.log = log
         self.sinks = sinks if sinks is not None else ([JsonlSink(self.run_dir / "metrics.jsonl")] if is_main else [])
         self._window_t, self._window_img = time.perf_counter(), 0
-        self._last_heartbeat = time.time()
+        self._last_heartbeat = time.monotonic()
 
     def start(self) -> None:
         """The loop begins: the first throughput window and heartbeat interval start now."""
         self._window_t, self._window_img = time.perf_counter(), 0
-        self._last_heartbeat = time.time()
+        self._last_heartbeat = time.monotonic()
 
     def event(self, kind: str, **fields) -> None:
         """A ledger event (rank 0 writes it)."""
@@ -70,10 +70,11 @@ class MetricsLogger:
                    device=str(device), launcher=env.launcher, step=step,
                    **({"job_start": float(job_start)} if job_start else {}))
 
-    def heartbeat(self, step: int) -> None:
-        if time.time() - self._last_heartbeat > HEARTBEAT_S:
-            self.event("heartbeat", step=step)
-            self._last_heartbeat = time.time()
+    def heartbeat(self, step: int, **fields) -> None:
+        """Every HEARTBEAT_S (by the monotonic clock: a wall clock stepped back must not silence it)."""
+        if time.monotonic() - self._last_heartbeat > HEARTBEAT_S:
+            self.event("heartbeat", step=step, **fields)
+            self._last_heartbeat = time.monotonic()
 
     def step(self, step: int, stage, out: dict, step_t0: float, extra=dict) -> dict | None:
         """After optimizer step `step` (all ranks). `out`: the step's "loss" (float64 tensor), "parts" (name ->

@@ -300,7 +300,7 @@ class Trainer:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
             self.clock.observe_step(time.perf_counter() - t0)
             self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
-            self.metrics.heartbeat(st.step)
+            self.metrics.heartbeat(st.step, elapsed_s=round(self.clock.elapsed(), 3))
             self.ckpt.poll()  # a background save that finished since the last step
             save = st.step % m.checkpoint.interval_steps == 0
             if (save or st.step % m.logging.metrics_interval == 0) and self.guard.diverged(self.model, check_weights=save):
@@ -366,7 +366,7 @@ class Trainer:
         try:
             self.loop(stop)
         except DataError as e:
-            self.metrics.event("segment_end", reason=f"failed: {e}", step=st.step)
+            self.end_segment(f"failed: {e}", step=st.step)
             raise
         finally:
             self.data.close()
@@ -386,13 +386,17 @@ class Trainer:
                       f"non-finite loss or gradient norm (or the weights were not finite); last good checkpoint: "
                       f"{last or 'none'}")
             self.log(f"error: {reason}; lower optimizer.lr or raise optimizer.max_rollbacks, then run again")
-            self.metrics.event("segment_end", reason=f"failed: {reason}", step=st.step)
+            self.end_segment(f"failed: {reason}", step=st.step)
             return "diverged"
         self.ckpt.save(st.step, final=True)  # complete, marker written, before anything else: a deadline may be near
         self.ckpt.close()
         reason = self.finish()
-        self.metrics.event("segment_end", reason=reason, step=st.step)
+        self.end_segment(reason, step=st.step)
         return reason
+
+    def end_segment(self, reason: str, step: int) -> None:
+        """The ledger's segment_end, with this job's monotonic seconds since its allocation (what billing uses)."""
+        self.metrics.event("segment_end", reason=reason, step=step, elapsed_s=round(self.clock.elapsed(), 3))
 
     def finish(self) -> str:
         """The end of the job after its final save: the samples, the log line. -> the segment's end reason."""
@@ -420,8 +424,8 @@ class Trainer:
         if seen is None or seen[0] >= UNDER_BUDGET * seen[1]:
             return
         need, left = seen
-        now = now or time.time()
         gpu_h = (self.clock.billed(now) + need * self.env.world_size) / 3600
+        now = self.clock.now() if now is None else now
         price, cap = self.m.budget.gpu_hour_usd, self.clock.limits.gpu_seconds_cap
         self.metrics.event("under_budget", step=self.state.step, projected_end=round(now + need, 1),
                            projected_gpu_hours=round(gpu_h, 3), projected_usd=round(gpu_h * price, 2) if price else None,

@@ -82,6 +82,11 @@ class Slurm:
 
         return self._cached(("accounting", ids), ask)
 
+    def comments(self, job_name: str) -> dict[str, str]:
+        """The queued or running jobs named `job_name` (any user's), by id -> their --comment. ONE squeue call."""
+        out = self.run(["squeue", "--noheader", "--format=%i|%k", "--name", job_name])
+        return dict(line.strip().split("|", 1) for line in out.splitlines() if "|" in line)
+
     def nodes(self, partition: str | None = None) -> list[NodeInfo]:
         """Every node (of `partition`, when given) with its state, CPUs and GPUs, from sinfo."""
         where = ["--partition", partition] if partition else []
