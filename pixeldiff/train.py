@@ -25,7 +25,7 @@ import torch
 
 from pixeldiff import checkpoint, distributed
 from pixeldiff.budget import JobClock
-from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved
+from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 from pixeldiff.data import BatchSource, SyntheticSource, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
@@ -103,7 +103,9 @@ def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
         train=t.state, data=t.data, files=t.provenance_files, on_saved=t.on_saved,
         storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
         process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
-        broadcast=distributed.broadcast_object, log=t.log, replicated=t.par.ddp is not None, device=t.device)
+        broadcast=distributed.broadcast_object, log=t.log, replicated=t.par.ddp is not None, device=t.device,
+        manifest=to_dict(m), retries=m.checkpoint.retries, retry_backoff_s=m.checkpoint.retry_backoff_s,
+        on_event=t.metrics.event)
 
 
 def check_batches(m: Manifest, world_size: int) -> None:
@@ -335,7 +337,7 @@ class Trainer:
         self.perceptual.announce(self.m, self.state, self.log, self.metrics.event)
         try:
             self.loop(stop)
-        except DataError as e:
+        except (DataError, checkpoint.StorageError, checkpoint.CheckpointError) as e:
             self.metrics.event("segment_end", reason=f"failed: {e}", step=st.step)
             raise
         finally:
@@ -437,6 +439,9 @@ def main(argv=None) -> int:
         return 2
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
+        return 1
+    except checkpoint.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return exit_code(reason)
 
