@@ -400,6 +400,13 @@ def _require_complete(path, storage_options: dict | None) -> None:
         raise CheckpointError(f"{path} was written by an older pixeldiff (one torch.save file per part); this version "
                               f"reads only sharded (torch.distributed.checkpoint) checkpoints: resume with the older "
                               f"version, or start the run afresh")
+    try:  # before DCP reads it (with pickle.load, and logging tracebacks when it fails)
+        read_metadata_bytes(_read_bytes(_join(path, ".metadata"), storage_options), f"{path}/.metadata")
+    except UnsafeCheckpoint as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path}: its .metadata cannot be read ({describe(e, 200)}); move it aside "
+                              f"(the previous valid checkpoint is then resumed) or restore it from a copy") from None
 
 
 def load_into(path, state: dict, process_group=None, storage_options: dict | None = None) -> None:

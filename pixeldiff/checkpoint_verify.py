@@ -71,8 +71,10 @@ def torch_load(source, where: str):
         if "weights_only" not in str(e) and "Weights only" not in str(e):
             raise
         found = _GLOBAL.search(str(e))
+        name = found.group(1) if found else ""
+        name = name if "." in name or not name else f"builtins.{name}"  # torch names builtins without their module
         raise UnsafeCheckpoint(f"{where} holds a pickled object that is not plain data"
-                               f"{' (' + found.group(1) + ')' if found else ''}; loading it could run code, so it is "
+                               f"{' (' + name + ')' if name else ''}; loading it could run code, so it is "
                                f"refused (weights_only)") from None
 
 
@@ -167,9 +169,19 @@ def _refused(key: str) -> bool:
     return key.startswith(REFUSED)
 
 
+def _resolved_model(manifest: dict) -> dict:
+    """The manifest with its model section as the network it builds: the preset's sizes with the overrides applied
+    (the preset's name itself is not compared: two spellings of one network are the same network)."""
+    from pixeldiff.presets import PRESETS
+
+    model = dict(manifest.get("model") or {})
+    preset = PRESETS.get(model.pop("preset", None), {})
+    return {**manifest, "model": {**preset, **{k: v for k, v in model.items() if v is not None}}}
+
+
 def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
     """(key, in the checkpoint's manifest, in this one) for each refused field that differs."""
-    a, b = flatten(saved), flatten(current)
+    a, b = flatten(_resolved_model(saved)), flatten(_resolved_model(current))
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys(), key=_key_order)
             if _refused(k) and a.get(k) != b.get(k)]
 

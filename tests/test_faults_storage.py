@@ -125,3 +125,149 @@ def test_a_disk_that_fills_during_the_first_save_leaves_nothing_marked_complete(
     r = launch(manifest, tmp_path / "runs")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resumed from" not in r.stdout and checkpoint.latest_valid(ckpts).name == "step-00000022"
+
+
+# ------------------------------------------------------------------ damaged and foreign checkpoints
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_newest_checkpoint_is_marked_damaged_and_the_one_before_resumed(tmp_path):
+    """Storage lost half of the newest checkpoint's shard file after its marker: the restore sees it (the metadata
+    says how long each file must be), warns, marks it DAMAGED and resumes the one before; the steps since are trained
+    again, to the same weights. When no checkpoint is whole, the run is refused (exit 2), never started afresh."""
+    manifest = write(tmp_path, steps=(20, 5), checkpoint={"interval_steps": 10, "keep": 2})
+    r = launch(manifest, tmp_path / "runs")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    newest = ckpts / "step-00000025"
+    before = checkpoint.load(newest, names=("model",))["model"]
+    truncate(newest / "__0_0.distcp")
+
+    r = launch(manifest, tmp_path / "runs")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"WARNING: checkpoint {newest} is damaged (__0_0.distcp is truncated (" in r.stdout, r.stdout
+    assert f"resumed from {ckpts / 'step-00000020'} at step 20" in r.stdout
+    (damaged,) = events(tmp_path / "runs" / "tiny", "checkpoint_damaged")
+    assert damaged["checkpoint"] == str(newest) and "truncated" in damaged["problem"]
+    assert [row["step"] for row in read_jsonl(tmp_path / "runs" / "tiny" / "metrics.jsonl")][-5:] == [21, 22, 23, 24, 25]
+    after = checkpoint.load(checkpoint.latest_valid(ckpts), names=("model",))["model"]
+    assert checkpoint.latest_valid(ckpts) == newest and all(torch.equal(before[k], after[k]) for k in before)
+
+    truncate(ckpts / "step-00000020" / "__0_0.distcp")
+    (newest / ".metadata").write_bytes(b"\x80\x04garbage")
+    r = launch(manifest, tmp_path / "runs")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"no checkpoint in {ckpts} can be resumed: step-00000025: .metadata cannot be read" in r.stderr, r.stderr
+    assert "step-00000020: __0_0.distcp is truncated" in r.stderr and "move" in r.stderr
+
+
+FOREIGN = {
+    "model size": ({"model": {"preset": "test", "width": 48, "heads": 2}}, "model.width 32, this manifest has 48"),
+    "text dim": ({"data": {"text": {"max_tokens": 8, "dim": 24}}}, "data.text.dim 16, this manifest has 24"),
+    "stages": ({"stages": [{"name": "16px", "resolution": 16, "global_batch": 8, "steps": 30},
+                           {"name": "64px", "resolution": 64, "global_batch": 8, "micro_batch": 4, "steps": 10}]},
+               "stages[1].name '32px', this manifest has '64px'; stages[1].resolution 32, this manifest has 64"),
+    "model size, no manifest.yaml in it": ({"model": {"preset": "test", "depth": 3}},
+                                           "does not fit this model: model.blocks.2."),
+}
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_a_checkpoint_written_for_another_model_or_manifest_is_refused_naming_the_difference(tmp_path, case):
+    """Run b's checkpoint.dir is run a's: a's checkpoints were written for another network, text encoder or stage
+    list. `run` refuses with exit 2 and names the field (or, without a manifest.yaml in the checkpoint, the tensor);
+    a's checkpoints are left as they were."""
+    change, message = FOREIGN[case]
+    assert launch_main(["run", str(write(tmp_path, name="a", steps=(10, 1))), "--runs-dir", str(tmp_path / "runs")]) == 0
+    theirs = tmp_path / "runs" / "a" / "checkpoints"
+    if "no manifest.yaml" in case:
+        for p in theirs.glob("step-*/manifest.yaml"):
+            p.unlink()
+    r = launch(write(tmp_path, name="b", checkpoint={"dir": str(theirs)}, **change), tmp_path / "runs")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"checkpoint step-00000011 (in {theirs})" in r.stderr and message in r.stderr, r.stderr
+    assert "resume it with the manifest it was written for" in r.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(theirs)[0]] == ["step-00000010", "step-00000011"]
+    assert not list(theirs.glob("*/DAMAGED"))
+
+
+def test_what_may_change_between_jobs_of_a_run_still_resumes(tmp_path):
+    """Budget, logging, checkpoint cadence, the learning rate and loss weights, the cluster (and so the number of
+    ranks) are not what a checkpoint was written for: a checkpoint of run a resumes under a manifest that changes
+    them (run b pointing at a's checkpoints, as a forked run would)."""
+    assert launch_main(["run", str(write(tmp_path, name="a", steps=(10, 1))), "--runs-dir", str(tmp_path / "runs")]) == 0
+    theirs = tmp_path / "runs" / "a" / "checkpoints"
+    b = write(tmp_path, name="b", steps=(20, 1), checkpoint={"dir": str(theirs), "interval_steps": 7, "keep": 3},
+              optimizer={"lr": 5e-4, "warmup_steps": 2, "grad_clip": 0.5, "ema_decay": 0.99},
+              logging={"metrics_interval": 2}, budget={"usd": 5.0}, seed=3,
+              cluster={"backend": "local", "device": "cpu", "parallel": "fsdp"})
+    r = launch(b, tmp_path / "runs")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resumed from {theirs / 'step-00000011'} at step 11" in r.stdout
+
+
+# ------------------------------------------------------------------ pickles that would run code
+
+
+class RunsCode:
+    """Unpickled, it writes a file: what a tampered checkpoint or weights file would do."""
+
+    def __init__(self, witness: Path):
+        self.witness = str(witness)
+
+    def __reduce__(self):
+        return exec, (f"open({self.witness!r}, 'w').write('the pickle ran')",)
+
+
+@pytest.mark.parametrize("planted", [".metadata", "train_state-rank00000.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path, planted):
+    manifest = write(tmp_path, steps=(10, 1))
+    assert launch_main(["run", str(manifest), "--runs-dir", str(tmp_path / "runs")]) == 0
+    newest = tmp_path / "runs" / "tiny" / "checkpoints" / "step-00000011"
+    witness = tmp_path / "witness"
+    if planted == ".metadata":
+        (newest / planted).write_bytes(pickle.dumps(RunsCode(witness)))
+    else:
+        torch.save({"step": 11, "stage": 1, "data": RunsCode(witness)}, newest / planted)
+    r = launch(manifest, tmp_path / "runs")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"checkpoint {newest}: {newest / planted}" in r.stderr, r.stderr
+    assert "builtins.exec" in r.stderr and "loading it could run code, so it is refused" in r.stderr
+    assert not witness.exists()
+    # the one-process reader (pixeldiff-sample) refuses it too
+    with pytest.raises(checkpoint.CheckpointError, match="could run code"):
+        (checkpoint.load(newest) if planted == ".metadata" else checkpoint.rank_states(newest))
+    assert not witness.exists()
+
+
+def test_a_planted_pickle_among_the_non_tensor_items_is_refused_and_never_runs(tmp_path):
+    """DCP writes non-tensor items (the optimizer's param_groups) with torch.save and reads them back with
+    weights_only=False; ours read them with weights_only=True."""
+    witness = tmp_path / "witness"
+    saver = checkpoint.Saver(tmp_path / "ckpts", keep=2, rank=0)
+    state = {"model": {"w": torch.ones(3)}, "optimizer": {"param_groups": [{"lr": RunsCode(witness), "params": ["w"]}]}}
+    saver.save(1, state, {"train_state-rank00000.pt": checkpoint.torch_bytes({"step": 1})}, background=False)
+    path = checkpoint.latest_valid(tmp_path / "ckpts")
+    for read in (lambda: checkpoint.load(path),
+                 lambda: checkpoint.load_into(path, {"model": {"w": torch.zeros(3)},
+                                                     "optimizer": {"param_groups": [{"lr": 0.0, "params": ["w"]}]}})):
+        with pytest.raises(checkpoint.CheckpointError, match=r"optimizer\.param_groups\.0\.lr holds a pickled object "
+                                                             r"that is not plain data \(builtins\.exec\)"):
+            read()
+        assert not witness.exists()
+    assert torch.equal(checkpoint.load(path, names=("model",))["model"]["w"], torch.ones(3))  # tensors still load
+
+
+def test_a_planted_pickle_as_perceptual_weights_is_refused_and_never_runs(tmp_path):
+    witness = tmp_path / "witness"
+    weights = tmp_path / "vgg.pth"
+    torch.save({"features.0.weight": RunsCode(witness)}, weights)
+    manifest = write(tmp_path, steps=(2, 1), losses={"lpips": {"weight": 0.1, "weights": str(weights)}})
+    r = launch(manifest, tmp_path / "runs")
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert f"losses.lpips.weights: {weights} holds a pickled object that is not plain data (builtins.exec)" in r.stderr
+    assert not witness.exists()
