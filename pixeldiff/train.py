@@ -179,7 +179,7 @@ class Trainer:
         if self.clock is not None:
             self.clock.observe_save(record["seconds_write"])
         self.metrics.event("checkpoint_saved", **{k: record[k] for k in ("step", "checkpoint", "seconds_blocked",
-                                                                         "seconds_write", "bytes", "async") if k in record})
+                                                                         "seconds_write", "bytes", "async", "attempts") if k in record})
 
     def restore(self) -> bool:
         path = self.ckpt.restore()

@@ -271,3 +271,91 @@ def test_a_planted_pickle_as_perceptual_weights_is_refused_and_never_runs(tmp_pa
     assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
     assert f"losses.lpips.weights: {weights} holds a pickled object that is not plain data (builtins.exec)" in r.stderr
     assert not witness.exists()
+
+
+# ------------------------------------------------------------------ the S3 endpoint down
+
+
+@pytest.fixture
+def s3_behind_proxy(s3_endpoint):
+    """(a new bucket, a TCP proxy in front of moto: `down()` takes S3 off the network, `up()` brings it back)."""
+    bucket = f"faults-{uuid.uuid4().hex[:10]}"
+    create_bucket(s3_endpoint, bucket)
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1])).up()
+    yield bucket, proxy
+    proxy.down()
+
+
+# botocore's own retries off: the retries seen are the checkpoint's (checkpoint.retries), and the test is quick
+NO_BOTO_RETRIES = {"AWS_MAX_ATTEMPTS": "1"}
+
+
+def s3_run(tmp_path, bucket, proxy, retries: int):
+    manifest = write(tmp_path, steps=(80, 5), data={"s3": {"endpoint_url": proxy.url}},
+                     checkpoint={"dir": f"s3://{bucket}/ck", "interval_steps": 10, "keep": 2, "retries": retries,
+                                 "retry_backoff_s": 0.5})
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+    return run_dir
+
+
+def saved_steps(run_dir) -> list[int]:
+    return [e["step"] for e in events(run_dir, "checkpoint_saved")]
+
+
+def test_s3_down_for_longer_than_the_retries_fails_the_save_cleanly_and_the_last_checkpoint_resumes(tmp_path, s3_behind_proxy):
+    bucket, proxy = s3_behind_proxy
+    run_dir = s3_run(tmp_path, bucket, proxy, retries=2)
+    proc = single(run_dir, **NO_BOTO_RETRIES)
+    wait_until(lambda: 10 in saved_steps(run_dir), [proc], what="the checkpoint of step 10")
+    proxy.down()
+    out = collect(proc, timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    last = max(saved_steps(run_dir))
+    failed = last + 10
+    assert f"saving the checkpoint of step {failed} to s3://{bucket}/ck failed (attempt 1 of 3)" in out, out
+    assert "retrying in 0.5 s" in out and "retrying in 1 s" in out
+    assert f"error: saving the checkpoint of step {failed} to s3://{bucket}/ck failed after 3 attempts: " in out
+    assert "the previous checkpoint is intact and is the one a new start resumes from" in out
+    end = read_jsonl(run_dir / "ledger.jsonl")[-1]
+    assert end["event"] == "segment_end" and end["reason"].startswith("failed: saving the checkpoint")
+
+    proxy.up()
+    so = s3_options(proxy.url, None, False)
+    newest = checkpoint.latest_valid(f"s3://{bucket}/ck", storage_options=so)
+    assert newest == f"s3://{bucket}/ck/step-{last:08d}" and finite(newest, so)
+    proc = single(run_dir, **NO_BOTO_RETRIES)
+    out = collect(proc, timeout=240)
+    assert proc.returncode == 0, out
+    assert f"resumed from s3://{bucket}/ck/step-{last:08d} at step {last}" in out
+    assert checkpoint.latest_valid(f"s3://{bucket}/ck", storage_options=so).endswith("step-00000085")
+
+
+def test_a_short_s3_outage_during_a_save_is_retried_and_the_save_completes(tmp_path, s3_behind_proxy):
+    """S3 goes away after the first checkpoint and comes back once the next save has failed once: the retry writes
+    it, the run finishes, and every checkpoint it kept is whole."""
+    bucket, proxy = s3_behind_proxy
+    run_dir = s3_run(tmp_path, bucket, proxy, retries=6)
+    proc = single(run_dir, **NO_BOTO_RETRIES)
+    wait_until(lambda: 10 in saved_steps(run_dir), [proc], what="the checkpoint of step 10")
+    proxy.down()
+    lines = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "retrying in" in line and len([x for x in lines if "retrying in" in x]) == 1:
+                proxy.up()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    retried = [e for e in events(run_dir, "checkpoint_saved") if e.get("attempts", 1) > 1]
+    assert len(retried) == 1 and retried[0]["step"] > 10, out
+    assert f"saving the checkpoint of step {retried[0]['step']} to s3://{bucket}/ck failed (attempt 1 of 7)" in out
+    so = s3_options(proxy.url, None, False)
+    valid, partial = checkpoint.list_checkpoints(f"s3://{bucket}/ck", so)
+    assert [v.rsplit("-", 1)[1] for v in valid] == ["00000080", "00000085"] and partial == []
+    assert all(finite(v, so) for v in valid)
