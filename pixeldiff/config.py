@@ -75,6 +75,7 @@ class StageConfig:
     budget_share: Optional[float] = None  # ... or a fraction of the budget's GPU-hours
     micro_batch: Optional[int] = None  # per-rank batch per forward; default global_batch / ranks
     est_img_per_s_per_gpu: Optional[float] = None  # throughput estimate for planning
+    repa: Optional[bool] = None  # REPA in this stage; null = on when losses.repa.weight > 0 (the speedrun: off at 1024 px)
 
 
 @dataclass
@@ -114,9 +115,38 @@ LPIPS_MIN_SIDE = {"vgg": 16, "alex": 31}
 
 
 @dataclass
+class RepaLossConfig:
+    """REPA: the hidden states after block `block`, through a trained 3-layer MLP projector (SiLU), aligned by cosine
+    similarity to a frozen teacher's patch features of the clean image, resized so that the teacher's patch grid is
+    the model's token grid. The projector is trained and checkpointed with the model, not in the EMA or samplers."""
+
+    weight: float = 0.0  # 0 = off (the speedrun: 0.5)
+    weights: Optional[str] = None  # the teacher's timm state dict: local path or s3:// URL; null = random init (warned)
+    net: str = "vit_large_patch16_dinov3"  # a timm ViT name (DINOv3 ViT-L/16 in the recipe)
+    block: int = 7  # 0-based index of the block whose output is aligned (the 8th)
+    projector_dim: int = 1024  # hidden width of the projector; its output is the teacher's width
+    until_step: int = 0  # REPA off from this step on (0 = no end); stages[i].repa switches it per stage
+
+
+@dataclass
 class LossesConfig:
     lpips: LpipsLossConfig = field(default_factory=LpipsLossConfig)
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
+    repa: RepaLossConfig = field(default_factory=RepaLossConfig)
+
+
+@dataclass
+class TreadConfig:
+    """TREAD token routing (training only): a random `ratio` of each sample's image tokens skip blocks
+    start_block..end_block (inclusive; negative counts from the end) and rejoin unchanged after them."""
+
+    ratio: float = 0.0  # 0 = off (the speedrun: 0.5)
+    start_block: int = 1  # the blog: from the 2nd block ...
+    end_block: int = -2  # ... to the penultimate
+
+    def span(self, depth: int) -> tuple[int, int]:
+        """-> (first, last) block index of the routed span, inclusive."""
+        return self.start_block % depth, self.end_block % depth
 
 
 @dataclass
@@ -192,6 +222,9 @@ class LoggingConfig:
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
     sample_steps: int = 30
     sample_cfg: float = 4.0
+    # cfg: classifier-free guidance (cond vs the empty caption); self: self-guidance for a TREAD-routed model (the
+    # dense vs the routed conditional prediction, both with the prompt; tread.ratio > 0 needed)
+    sample_guidance: Literal["cfg", "self"] = "cfg"
 
 
 @dataclass
@@ -203,6 +236,7 @@ class Manifest:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     losses: LossesConfig = field(default_factory=LossesConfig)
+    tread: TreadConfig = field(default_factory=TreadConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -468,6 +502,40 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"losses.dino.resolution: must be > 0, got {dn.resolution}")
     if not dn.net.strip():
         raise ConfigError("losses.dino.net: give a timm model name, e.g. vit_base_patch14_reg4_dinov2")
+    validate_recipe(m, mc)
+
+
+def validate_recipe(m: Manifest, mc: ModelConfig) -> None:
+    """REPA, TREAD and the guidance of the sample grids."""
+    rp, tr = m.losses.repa, m.tread
+    if rp.weight < 0:
+        raise ConfigError(f"losses.repa.weight: must be >= 0 (0 = off), got {rp.weight}")
+    if rp.weights is not None:
+        scheme = rp.weights.split("://", 1)[0] if "://" in rp.weights else ""
+        if not rp.weights.strip() or scheme not in ("", "s3", "file"):
+            raise ConfigError(f"losses.repa.weights: {rp.weights!r} must be a local path or an s3:// URL (or null)")
+    if rp.weight > 0 and not 0 <= rp.block < mc.depth:
+        raise ConfigError(f"losses.repa.block: {rp.block} is not a block of a {mc.depth}-block model; use 0 to "
+                          f"{mc.depth - 1} (the recipe: 7, the 8th)")
+    if rp.projector_dim < 1 or rp.until_step < 0:
+        raise ConfigError(f"losses.repa: projector_dim must be >= 1 and until_step >= 0 (0 = no end), got "
+                          f"{rp.projector_dim} and {rp.until_step}")
+    if not rp.net.strip():
+        raise ConfigError("losses.repa.net: give a timm ViT name, e.g. vit_large_patch16_dinov3")
+    if not 0 <= tr.ratio < 1:
+        raise ConfigError(f"tread.ratio: the fraction of image tokens routed past the span must be in [0, 1) "
+                          f"(0 = off; the recipe: 0.5), got {tr.ratio}")
+    if tr.ratio > 0:
+        if not (-mc.depth <= tr.start_block < mc.depth and -mc.depth <= tr.end_block < mc.depth):
+            raise ConfigError(f"tread: start_block {tr.start_block} and end_block {tr.end_block} must be blocks of "
+                              f"the {mc.depth}-block model (-{mc.depth} to {mc.depth - 1}; negative counts from the end)")
+        first, last = tr.span(mc.depth)
+        if first > last:
+            raise ConfigError(f"tread: the span starts at block {first} after it ends at block {last}; give "
+                              f"start_block <= end_block (the recipe: 1 and -2, the 2nd to the penultimate)")
+    if m.logging.sample_guidance == "self" and tr.ratio <= 0:
+        raise ConfigError("logging.sample_guidance: 'self' guides with the dense vs the routed prediction, which "
+                          "needs tread.ratio > 0; use 'cfg' for a model trained without TREAD")
 
 
 def dump_yaml(m: Manifest) -> str:

@@ -9,6 +9,11 @@ the presets, the parameter count) in `presets.py`, which the manifest imports wi
 - adaLN-zero modulation from the timestep only
 - text enters as extra keys/values that image queries attend to; text is never updated
 - final layer predicts the clean image, zero-initialised
+- TREAD (training only): `route` names, per sample, the image tokens that go through a span of
+  blocks; the others skip it and rejoin unchanged, in place, after it (their RoPE positions travel
+  with the kept tokens)
+- REPA: an optional MLP projector on one block's output (`repa_at`), trained with the model and
+  left out of the EMA and the samplers
 """
 
 from __future__ import annotations
@@ -59,7 +64,8 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float, device: torch.device) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, N, head_dim); rotate pairs (x[2i], x[2i+1])
+    # x: (B, heads, N, head_dim); cos/sin (N, head_dim/2), or (B, 1, N, head_dim/2) per sample (routed tokens);
+    # rotate pairs (x[2i], x[2i+1])
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
     return out.type_as(x)
@@ -138,11 +144,31 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class Projector(nn.Module):
+    """REPA's MLP from the model's width to the teacher's: 3 linear layers, SiLU between."""
+
+    def __init__(self, width: int, hidden: int, out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D), idx (B, K) -> (B, K, D)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
 # ------------------------------------------------------------------ network
 
 
 class PixelDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_dim: int):
+    def __init__(self, cfg: ModelConfig, text_dim: int, repa_dims: tuple[int, int] | None = None,
+                 tread_span: tuple[int, int] | None = None):
+        """repa_dims: (projector hidden width, teacher width) to build REPA's projector; tread_span: the (first,
+        last) block that routed tokens skip, inclusive (used when forward gets a `route`)."""
         super().__init__()
         cfg = resolve_model_config(cfg)
         self.cfg, self.text_dim = cfg, text_dim
@@ -152,6 +178,8 @@ class PixelDiT(nn.Module):
         self.text_proj = nn.Linear(text_dim, w)
         self.blocks = nn.ModuleList(Block(w, cfg.heads, int(w * cfg.mlp_ratio)) for _ in range(cfg.depth))
         self.final = FinalLayer(w, p * p * 3)
+        self.repa = Projector(w, *repa_dims) if repa_dims else None
+        self.tread_span = tread_span
         self._rope_cache: dict = {}
 
     def _rope(self, h: int, w: int, device: torch.device):
@@ -160,20 +188,40 @@ class PixelDiT(nn.Module):
             self._rope_cache[key] = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
         return self._rope_cache[key]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, H, W) noisy image; t: (B,) in [0, 1]; text: (B, L, text_dim); text_mask: (B, L) bool."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                route: torch.Tensor | None = None, repa_at: int | None = None):
+        """x: (B, 3, H, W) noisy image; t: (B,) in [0, 1]; text: (B, L, text_dim); text_mask: (B, L) bool.
+        route: (B, K) indices of the image tokens that go through the TREAD span (the rest skip it); repa_at: a block
+        index whose output goes through the projector. -> x0_hat (B, 3, H, W); with repa_at, (x0_hat, projected
+        (B, K', teacher dim), their token indices (B, K') or None for all tokens)."""
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
         tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
         c = self.t_embed(timestep_embedding(t))  # (B, D)
         txt = self.text_proj(text)  # (B, L, D)
-        keep = torch.cat([text_mask.bool(), text_mask.new_ones(B, h * w, dtype=torch.bool)], dim=1)
-        attn_mask = keep[:, None, None, :]  # (B, 1, 1, L+N)
+        text_keep = text_mask.bool()
+
+        def attn_mask(n):  # (B, 1, 1, L + n): padding text masked, every image token kept
+            return torch.cat([text_keep, text_keep.new_ones(B, n)], dim=1)[:, None, None, :]
+
         cos, sin = self._rope(h, w, x.device)
-        for block in self.blocks:
-            tokens = block(tokens, c, txt, attn_mask, cos, sin)
-        return unpatchify(self.final(tokens, c), p, h, w)
+        dense = (attn_mask(h * w), cos, sin)
+        first, last = self.tread_span if route is not None else (-1, -1)
+        ctx, idx, full, aligned = dense, None, None, None
+        for i, block in enumerate(self.blocks):
+            if i == first:  # routed tokens wait here; the kept ones go on with their own RoPE positions
+                full, idx = tokens, route
+                tokens = gather_tokens(tokens, route)
+                ctx = (attn_mask(route.shape[1]), cos[route][:, None], sin[route][:, None])  # rope (B, 1, K, hd/2)
+            tokens = block(tokens, c, txt, *ctx)
+            if i == repa_at:  # with TREAD, only the routed span's tokens are aligned, wherever the block is
+                aligned = (self.repa(tokens if idx is not None or route is None else gather_tokens(tokens, route)), route)
+            if i == last:  # rejoin: the routed tokens unchanged, the kept ones where they came from
+                tokens = full.scatter(1, idx[..., None].expand(-1, -1, tokens.shape[-1]), tokens)
+                ctx, idx = dense, None
+        out = unpatchify(self.final(tokens, c), p, h, w)
+        return out if repa_at is None else (out, *aligned)
 
     # ----- accounting, shared by metrics (MFU) and the launcher's cost forecast
 

@@ -35,7 +35,7 @@ class XPrediction:
     def shift(self, resolution: int) -> float:
         return self.cfg.shift_base * resolution / self.cfg.shift_reference_px
 
-    def sample_t(self, batch: int, resolution: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_t(self, batch: int, resolution: float, generator: torch.Generator) -> torch.Tensor:
         c, dev = self.cfg, generator.device
         t = torch.sigmoid(c.t_mean + c.t_std * torch.randn(batch, generator=generator, device=dev))
         uniform = torch.rand(batch, generator=generator, device=dev)
@@ -49,19 +49,34 @@ class XPrediction:
         mask = torch.where(drop[:, None], self.null_mask.to(mask.device), mask)
         return text, mask
 
-    def loss(self, model, x0, text, mask, generator: torch.Generator):
-        """-> (loss, x0_hat, t). Random draws come from `generator` (on x0's device) so runs are reproducible."""
+    def noised(self, x0, text, mask, generator: torch.Generator):
+        """The training input: -> (x_t, t, text, mask) with t, the noise and caption dropout drawn from `generator`
+        (on x0's device), so runs are reproducible."""
         B, _, H, W = x0.shape
-        t = self.sample_t(B, H, generator).to(x0.device)
+        t = self.sample_t(B, (H * W) ** 0.5, generator).to(x0.device)  # the side of a square of the same area
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         text, mask = self.drop_captions(text, mask.to(x0.device), generator)
         tb = t[:, None, None, None]
-        xt = (1 - tb) * x0 + tb * eps
+        return (1 - tb) * x0 + tb * eps, t, text, mask
+
+    def velocity_mse(self, x0_hat, xt, x0, t):
+        """The loss: MSE between the velocities of the prediction and of the target, the time clamped."""
+        denom = t[:, None, None, None].clamp(min=self.cfg.t_clamp)
+        return F.mse_loss((xt - x0_hat.float()) / denom, (xt - x0) / denom)
+
+    def loss(self, model, x0, text, mask, generator: torch.Generator):
+        """-> (loss, x0_hat, t) for `model(x_t, t, text, mask)`."""
+        xt, t, text, mask = self.noised(x0, text, mask, generator)
         x0_hat = model(xt, t, text, mask)
-        denom = tb.clamp(min=self.cfg.t_clamp)
-        v_hat = (xt - x0_hat.float()) / denom
-        v = (xt - x0) / denom
-        return F.mse_loss(v_hat, v), x0_hat, t
+        return self.velocity_mse(x0_hat, xt, x0, t), x0_hat, t
+
+
+def tread_route(batch: int, tokens: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """TREAD: per sample, a random `ratio` of the `tokens` image tokens skip the routed span. -> (batch, kept)
+    indices of the tokens that go through it, ascending, drawn from `generator` (on its device)."""
+    kept = max(1, tokens - round(ratio * tokens))
+    order = torch.rand(batch, tokens, generator=generator, device=generator.device).argsort(dim=1)
+    return order[:, :kept].sort(dim=1).values
 
 
 @torch.no_grad()
@@ -70,30 +85,43 @@ def sample(
     objective: XPrediction,
     text: torch.Tensor,
     mask: torch.Tensor,
-    resolution: int,
+    resolution: int | tuple[int, int],
     steps: int = 30,
     cfg_scale: float = 4.0,
     method: str = "euler",
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    guidance: str = "cfg",
+    routes=None,
 ) -> torch.Tensor:
     """Integrate from noise (t=1) to the image (t=0) on the shifted time grid. -> (B, 3, H, W) in [-1, 1].
 
-    The starting noise is `noise` (B, 3, H, W) when given, else drawn from `generator`."""
+    The starting noise is `noise` (B, 3, H, W) when given, else drawn from `generator`. `resolution` is a side or
+    (height, width). guidance "cfg": uncond + s (cond - uncond) against the empty caption; "self" (a TREAD-routed
+    model): routed + s (dense - routed), both with the prompt, `routes(k)` giving the (B, K) routed tokens of
+    evaluation k."""
     if method not in ("euler", "heun"):
         raise ValueError(f"sampler {method!r} is unknown; use 'euler' or 'heun'")
+    if guidance not in ("cfg", "self") or (guidance == "self" and routes is None):
+        raise ValueError(f"guidance {guidance!r}: use 'cfg', or 'self' with the routes of a TREAD model")
+    H, W = (resolution, resolution) if isinstance(resolution, int) else resolution
     B = text.shape[0]
     device = next(model.parameters()).device
-    x = (noise if noise is not None else torch.randn(B, 3, resolution, resolution, generator=generator)).to(device)
+    x = (noise if noise is not None else torch.randn(B, 3, H, W, generator=generator)).to(device)
     text, mask = text.to(device), mask.to(device)
     null_t = objective.null_text.to(device).expand_as(text)
     null_m = objective.null_mask.to(device).expand_as(mask)
-    grid = shift_time(torch.linspace(1, 0, steps + 1), objective.shift(resolution)).tolist()
+    grid = shift_time(torch.linspace(1, 0, steps + 1), objective.shift((H * W) ** 0.5)).tolist()
+    calls = iter(range(2 * steps + 1))
 
     def velocity(x, t):
         tt = torch.full((B,), t, device=device)
         if cfg_scale == 1.0:
             x0 = model(x, tt, text, mask).float()
+        elif guidance == "self":
+            dense = model(x, tt, text, mask).float()
+            routed = model(x, tt, text, mask, route=routes(next(calls)).to(device)).float()
+            x0 = routed + cfg_scale * (dense - routed)
         else:
             both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([text, null_t]), torch.cat([mask, null_m])).float()
             cond, uncond = both.chunk(2)

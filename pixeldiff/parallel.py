@@ -34,9 +34,10 @@ class Parallel:
 
 
 def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_size: int,
-                device: torch.device) -> Parallel:
+                device: torch.device, unused_parameters: bool = False) -> Parallel:
     """Wrap `model` for `world_size` ranks as `cluster.parallel` says (FSDP2 shards each block, then the rest,
-    and the EMA alike), then compile when `cluster.compile`."""
+    and the EMA alike), then compile when `cluster.compile`. `unused_parameters`: some steps leave parameters
+    without gradients (REPA's projector once REPA is off), which DDP must look for."""
     ddp, fsdp = None, False
     if world_size > 1 and cluster.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -49,7 +50,7 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
         fsdp = True
     elif world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
     net = ddp or model
     if cluster.compile:
         net = torch.compile(net)

@@ -168,16 +168,20 @@ class LpipsLoss:
 # ------------------------------------------------------------------ DINO
 
 
-def _timm_model(name: str, resolution: int, device: str = "cpu") -> nn.Module:
+def timm_model(name: str, resolution: int | None = None, device: str = "cpu", key: str = "losses.dino.net",
+               dynamic_img_size: bool = False) -> nn.Module:
+    """A timm model without its head, built offline (no weights): at `resolution`, or for any input size."""
     import timm
 
     if not timm.is_model(name):
-        raise ConfigError(f"losses.dino.net: {name!r} is not a timm model name (e.g. vit_base_patch14_reg4_dinov2)")
+        raise ConfigError(f"{key}: {name!r} is not a timm model name (e.g. vit_base_patch14_reg4_dinov2)")
+    kwargs = {"img_size": resolution} if resolution else {}
     with torch.device(device):
         try:
-            return timm.create_model(name, pretrained=False, num_classes=0, img_size=resolution)
+            return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=dynamic_img_size, **kwargs)
         except TypeError as e:
-            raise ConfigError(f"losses.dino.net: {name!r} cannot be built at img_size {resolution} ({e})") from None
+            raise ConfigError(f"{key}: {name!r} cannot be built {f'at img_size {resolution}' if resolution else ''} "
+                              f"({e})") from None
 
 
 def load_dino_weights(model: nn.Module, sd: dict, key: str, source: str) -> None:
@@ -208,7 +212,7 @@ class DinoLoss:
         self.cfg, self.device = cfg, torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(_INIT_SEED["dino"])
-            model = _timm_model(cfg.net, cfg.resolution)
+            model = timm_model(cfg.net, cfg.resolution)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
         if patch is not None and cfg.resolution % patch[0]:
             raise ConfigError(f"losses.dino.resolution: {cfg.resolution} is not a multiple of {cfg.net}'s patch size "
@@ -331,7 +335,7 @@ def forward_flops(losses: LossesConfig, resolution: int) -> dict[str, float]:
                 lin(f)
         out["lpips"] = float(fc.get_total_flops())
     if losses.dino.weight > 0:
-        model = _timm_model(losses.dino.net, losses.dino.resolution, device="meta")
+        model = timm_model(losses.dino.net, losses.dino.resolution, device="meta")
         x = torch.empty(1, 3, losses.dino.resolution, losses.dino.resolution, device="meta")
         with FlopCounterMode(display=False) as fc:
             model.forward_features(x)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixeldiff.objective import sample
+from pixeldiff.objective import sample, tread_route
 
 
 def to_grid(images: torch.Tensor, rows: int, min_cell: int = 128) -> Image.Image:
@@ -41,18 +41,30 @@ def image_noise(seed: int, index: int, resolution: int) -> torch.Tensor:
     return torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
+def image_routes(seed: int, indices: list[int], tokens: int, ratio: float):
+    """Self-guidance's routed tokens for model evaluation k of images `indices`: each image's own generator, like its
+    noise, so the grid does not depend on how it is split over ranks. -> k -> (len(indices), kept)."""
+    def routes(k: int) -> torch.Tensor:
+        return torch.cat([tread_route(1, tokens, ratio, torch.Generator().manual_seed((seed * 1_000_003 + i) * 4099 + k))
+                          for i in indices])
+    return routes
+
+
 def grid_part(model, objective, encoder, prompts, resolution, indices: list[int], per_prompt=4, steps=30,
-              cfg_scale=4.0, seed=0, method="euler") -> torch.Tensor:
+              cfg_scale=4.0, seed=0, method="euler", guidance="cfg", tread_ratio=0.0) -> torch.Tensor:
     """Images `indices` of the grid (image i: prompt i // per_prompt), as this rank's share. -> (len, 3, R, R) on
-    the CPU, float16 (empty for no indices)."""
+    the CPU, float16 (empty for no indices). guidance 'self' (a TREAD model) routes `tread_ratio` of the tokens."""
     if not indices:
         return torch.empty(0, 3, resolution, resolution, dtype=torch.float16)
     text, mask = encoder.encode([prompts[i // per_prompt] for i in indices])
     noise = torch.stack([image_noise(seed, i, resolution) for i in indices])
+    routes = None
+    if guidance == "self":
+        routes = image_routes(seed, indices, (resolution // model.cfg.patch_size) ** 2, tread_ratio)
     was_training = model.training
     model.eval()
     images = sample(model, objective, text, mask, resolution, steps=steps, cfg_scale=cfg_scale, method=method,
-                    noise=noise)
+                    noise=noise, guidance=guidance, routes=routes)
     model.train(was_training)
     return images.to("cpu", torch.float16)
 
@@ -67,7 +79,7 @@ def save_grid(images: torch.Tensor, prompts, out: Path) -> Path:
 
 
 def shared_grid(model, objective, encoder, logging, resolution: int, seed: int, out: Path, rank: int = 0,
-                world: int = 1, per_prompt: int = 4) -> Path | None:
+                world: int = 1, per_prompt: int = 4, tread_ratio: float = 0.0) -> Path | None:
     """The grid of `logging.sample_prompts`, split over `world` ranks (rank r draws images r, r + world, ...) and
     assembled on rank 0, which writes it. Every rank calls this. -> the PNG on rank 0, None elsewhere."""
     from pixeldiff import distributed
@@ -75,7 +87,8 @@ def shared_grid(model, objective, encoder, logging, resolution: int, seed: int, 
     n = len(logging.sample_prompts) * per_prompt
     mine = list(range(rank, n, world))
     part = grid_part(model, objective, encoder, logging.sample_prompts, resolution, mine, per_prompt,
-                     logging.sample_steps, logging.sample_cfg, seed)
+                     logging.sample_steps, logging.sample_cfg, seed, guidance=logging.sample_guidance,
+                     tread_ratio=tread_ratio)
     parts = distributed.gather_to_main(part)
     if parts is None:
         return None

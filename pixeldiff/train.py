@@ -25,16 +25,17 @@ import torch
 
 from pixeldiff import checkpoint, distributed
 from pixeldiff.budget import JobClock
-from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
+from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config, to_dict
 from pixeldiff.data import BatchSource, SyntheticSource, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
 from pixeldiff.ledger import read_jsonl
 from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
-from pixeldiff.objective import XPrediction
+from pixeldiff.objective import XPrediction, tread_route
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
+from pixeldiff.repa import build_teacher, repa_active
 from pixeldiff.process import (LOCK_WAIT_S, RunLocked, StopFlag, code_version, ignore_late_stop_signals, lock_run,
                                no_world_write)
 from pixeldiff.sample import shared_grid
@@ -42,6 +43,7 @@ from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
 from pixeldiff.storage import storage_options
 from pixeldiff.text import make_text_encoder
+from pixeldiff.weights import random_init_warning
 
 
 DEADLINE_STOP, BUDGET_STOP, DIVERGED = 1000, 1001, 1002  # stop codes above every signal number
@@ -124,6 +126,13 @@ def null_caption(m: Manifest, encoder):
     return text[0], mask[0]
 
 
+def model_options(m: Manifest, teacher=None, training: bool = True) -> dict:
+    """PixelDiT's optional parts: TREAD's routed span, and REPA's projector (training only: not in the EMA)."""
+    depth = resolve_model_config(m.model).depth
+    return {"tread_span": m.tread.span(depth) if m.tread.ratio > 0 else None,
+            "repa_dims": (m.losses.repa.projector_dim, teacher.dim) if teacher is not None and training else None}
+
+
 def micro_layout(stage, world_size: int) -> tuple[int, int]:
     """-> (micro-batch size, micro-batches per step) of one rank: global batch = micro x ranks x accumulation."""
     per_rank = stage.global_batch // world_size
@@ -150,10 +159,15 @@ class Trainer:
         # s3:// ones fetched) here, before any training.
         self.perceptual = PerceptualLosses(m.losses, self.device, storage_options(m.data.s3), log=self.log)
 
+        self.teacher = build_teacher(m, self.device, storage_options(m.data.s3), log=self.log)  # REPA's, frozen
+        self.weights = {k: getattr(m.losses, k).weight for k in ("lpips", "dino", "repa")}
+
         torch.manual_seed(m.seed)
-        self.model = PixelDiT(m.model, m.data.text.dim).to(self.device)
+        self.model = PixelDiT(m.model, m.data.text.dim, **model_options(m, self.teacher)).to(self.device)
         self.ema = EMA(self.model, m.optimizer.ema_decay, m.optimizer.ema_every)
-        self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device)
+        # REPA switched off later (per stage or from a step): DDP must expect the projector without gradients
+        repa_ends = self.teacher is not None and (m.losses.repa.until_step > 0 or any(s.repa is False for s in m.stages))
+        self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device, unused_parameters=repa_ends)
         o = m.optimizer
         # fused: one kernel, and it honours `found_inf` (a skipped step leaves weights and moments alone)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -195,11 +209,12 @@ class Trainer:
         """The EMA's sample grid at this step, split over all ranks (bf16 on GPUs), assembled by rank 0. Every rank
         calls this. Its time is measured: the final grid is part of the stop margin."""
         t0, lg, stage = time.perf_counter(), self.m.logging, self.m.stages[self.state.stage]
-        ema = self.ema.whole(lambda: PixelDiT(self.m.model, self.m.data.text.dim), self.device)
+        ema = self.ema.whole(lambda: PixelDiT(self.m.model, self.m.data.text.dim, **model_options(self.m, training=False)),
+                             self.device)
         with self.autocast:
             out = shared_grid(ema, self.objective, self.encoder, lg, stage.resolution, self.m.seed,
                               self.run_dir / "samples" / f"step-{self.state.step:08d}.png", self.env.rank,
-                              self.env.world_size)
+                              self.env.world_size, tread_ratio=self.m.tread.ratio)
         seconds = time.perf_counter() - t0
         if self.clock is not None:
             self.clock.observe_samples(seconds)
@@ -217,15 +232,14 @@ class Trainer:
         lr = lr_at(st.step, m.optimizer) * st.lr_scale
         for group in self.opt.param_groups:
             group["lr"] = lr
+        repa_at = m.losses.repa.block if self.teacher is not None and repa_active(m, st.stage, st.step) else None
         total, parts = 0.0, {}
         for a in range(accum):
             images, text, mask = to_device(next(batches), self.encoder, self.device)
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)
             with self.autocast, self.par.reduce_gradients(a == accum - 1):  # reduce gradients once per step
-                loss, x0_hat, t = self.objective.loss(self.par.net, images, text, mask, gen)
-                if self.perceptual:
-                    terms = {"mse": loss, **self.perceptual.compute(x0_hat, images, t)}
-                    loss = loss + sum(self.perceptual.weight(k) * v for k, v in terms.items() if k != "mse")
+                loss, terms = self.forward_loss(images, text, mask, gen, repa_at)
+                if len(terms) > 1:
                     for k, v in terms.items():
                         parts[k] = parts.get(k, 0.0) + v.detach().float() / accum
                 (loss / accum).backward()
@@ -242,6 +256,25 @@ class Trainer:
         st.step += 1
         self.ema.update(self.model, st.step)
         return {"loss": total, "lr": lr, "grad_norm": grad_norm, "parts": parts or {"mse": total}}
+
+    def forward_loss(self, images, text, mask, gen: torch.Generator, repa_at: int | None):
+        """One micro-batch: TREAD's routing (drawn first from the micro-batch's generator, so a resumed run routes
+        the same tokens), the noised input, the forward, and the loss terms. -> (weighted loss, {term: value})."""
+        route = None
+        if self.m.tread.ratio > 0:
+            B, _, H, W = images.shape
+            p = self.model.cfg.patch_size
+            route = tread_route(B, (H // p) * (W // p), self.m.tread.ratio, gen)
+        xt, t, text, mask = self.objective.noised(images, text, mask, gen)
+        out = self.par.net(xt, t, text, mask, route=route, repa_at=repa_at)
+        x0_hat, aligned = (out[0], out[1:]) if repa_at is not None else (out, None)
+        terms = {"mse": self.objective.velocity_mse(x0_hat, xt, images, t)}
+        if self.perceptual:
+            terms.update(self.perceptual.compute(x0_hat, images, t))
+        if aligned is not None:
+            terms["repa"] = self.teacher.loss(aligned[0], images, aligned[1])
+        loss = terms["mse"] + sum(self.weights[k] * v for k, v in terms.items() if k != "mse")
+        return loss, terms
 
     # ----- the loop
 
@@ -335,6 +368,10 @@ class Trainer:
         self.log(f"{m.name}: {self.model.num_params() / 1e6:.2f}M parameters on {self.device}, "
                  f"steps {st.step}/{self.schedule.total_steps}")
         self.perceptual.announce(self.m, self.state, self.log, self.metrics.event)
+        if self.teacher is not None and m.losses.repa.weights is None:
+            message = random_init_warning("repa", m.losses.repa)
+            self.log(f"WARNING: {message}")
+            self.metrics.event("warning", message=message, step=st.step)
         try:
             self.loop(stop)
         except (DataError, checkpoint.StorageError, checkpoint.CheckpointError) as e:

@@ -108,9 +108,11 @@ def resolve_weights(spec: str, key: str, storage_options: dict | None = None, lo
 
 
 def random_init_warning(name: str, cfg) -> str:
-    what = f"{cfg.net} backbone" if name == "lpips" else f"{cfg.net} network"
+    what = {"lpips": f"{cfg.net} backbone", "repa": f"{cfg.net} teacher"}.get(name, f"{cfg.net} network")
+    loss = "REPA aligns to random features, not the recipe's" if name == "repa" else \
+        "this loss is not the perceptual loss of the recipe"
     return (f"losses.{name}: weight {cfg.weight:g} but no weights file (losses.{name}.weights is null): the frozen "
-            f"{what} is RANDOMLY initialised, so this loss is not the perceptual loss of the recipe; "
+            f"{what} is RANDOMLY initialised, so {loss}; "
             f"fetch the weights with tools/fetch_weights.py and set losses.{name}.weights")
 
 
@@ -118,7 +120,7 @@ def preflight(m: Manifest) -> list[str]:
     """Checks that need no network, for `plan` and `run` before anything starts: local weights files exist and the
     DINO model name is known. s3:// files are checked when the job starts. -> warnings (random init)."""
     out = []
-    for name in ("lpips", "dino"):
+    for name in ("lpips", "dino", "repa"):
         cfg = getattr(m.losses, name)
         if cfg.weight <= 0:
             continue
@@ -126,12 +128,13 @@ def preflight(m: Manifest) -> list[str]:
             out.append(random_init_warning(name, cfg))
         elif not cfg.weights.startswith("s3://"):
             resolve_weights(cfg.weights, f"losses.{name}.weights")
-    if m.losses.dino.weight > 0:
-        import timm
+    for name, example in (("dino", "vit_base_patch14_reg4_dinov2"), ("repa", "vit_large_patch16_dinov3")):
+        cfg = getattr(m.losses, name)
+        if cfg.weight > 0:
+            import timm
 
-        if not timm.is_model(m.losses.dino.net):
-            raise ConfigError(f"losses.dino.net: {m.losses.dino.net!r} is not a timm model name "
-                              f"(e.g. vit_base_patch14_reg4_dinov2)")
+            if not timm.is_model(cfg.net):
+                raise ConfigError(f"losses.{name}.net: {cfg.net!r} is not a timm model name (e.g. {example})")
     return out
 
 

@@ -1,6 +1,6 @@
 """Fetch the frozen weights of the perceptual losses, once, on a machine with internet access.
 
-    python tools/fetch_weights.py --out weights/                       # VGG16 (LPIPS) and DINOv2 ViT-B/14-reg
+    python tools/fetch_weights.py --out weights/                       # VGG16 (LPIPS), DINOv2 ViT-B/14-reg, DINOv3 ViT-L/16
     python tools/fetch_weights.py --out weights/ --upload s3://bucket/pixeldiff/weights [--endpoint-url URL]
     python tools/fetch_weights.py --out weights/ --nets alex,dino --dino-model vit_small_patch14_reg4_dinov2
     python tools/fetch_weights.py --dry-run --upload s3://bucket/w   # print what it would do; no network
@@ -16,6 +16,10 @@ Files
            (default 224), fetched by timm from the Hugging Face hub (needs timm and
            huggingface_hub); timm resamples the position embeddings to that size, so the
            trainer loads the file strictly.
+    repa   <model>.pth: the timm state dict of `--repa-model` (default vit_large_patch16_dinov3,
+           REPA's teacher, losses.repa) built with num_classes=0, fetched by timm from the Hugging
+           Face hub; DINOv3 weights are gated there: accept Meta's licence on the model page and
+           log in (`huggingface-cli login`) first.
     The torchvision files are checked against the SHA-256 prefix in their names; every file
     is loaded back (torch.load weights_only=True) and checked the way the trainer loads it.
     Downloads go to a temporary name and are renamed when complete; an existing good file is
@@ -46,7 +50,7 @@ TORCHVISION = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
-NETS = ("vgg", "alex", "dino")
+NETS = ("vgg", "alex", "dino", "repa")
 
 
 class FetchError(Exception):
@@ -58,9 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--out", default="weights", help="local folder for the files (default: ./weights)")
-    ap.add_argument("--nets", default="vgg,dino", help="comma-separated, of: vgg, alex, dino (default: vgg,dino)")
+    ap.add_argument("--nets", default="vgg,dino,repa", help="comma-separated, of: vgg, alex, dino, repa (default: vgg,dino,repa)")
     ap.add_argument("--dino-model", default="vit_base_patch14_reg4_dinov2", help="timm model name (losses.dino.net)")
     ap.add_argument("--dino-resolution", type=int, default=224, help="image side the DINO loss uses (losses.dino.resolution)")
+    ap.add_argument("--repa-model", default="vit_large_patch16_dinov3", help="timm model name (losses.repa.net)")
     ap.add_argument("--upload", metavar="S3_PREFIX", help="also upload to s3://bucket/prefix")
     ap.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...)")
     ap.add_argument("--profile", help="AWS profile")
@@ -77,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.upload = args.upload.rstrip("/")
     if args.dino_resolution <= 0:
         ap.error(f"--dino-resolution: must be > 0, got {args.dino_resolution}")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", args.dino_model):
-        ap.error(f"--dino-model: {args.dino_model!r} is not a timm model name")
+    for flag in ("dino_model", "repa_model"):
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", getattr(args, flag)):
+            ap.error(f"--{flag.replace('_', '-')}: {getattr(args, flag)!r} is not a timm model name")
     if (args.endpoint_url or args.profile) and not args.upload:
         ap.error("--endpoint-url/--profile only apply with --upload")
     return args
@@ -87,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def file_name(net: str, args) -> str:
     if net in TORCHVISION:
         return TORCHVISION[net].rsplit("/", 1)[-1]
+    if net == "repa":
+        return f"{args.repa_model}.pth"
     return f"{args.dino_model}-{args.dino_resolution}.pth"
 
 
@@ -100,6 +108,8 @@ def manifest_lines(locations: dict[str, str], args) -> str:
     if "dino" in locations:
         lines += ["  dino:", f"    net: {args.dino_model}", f"    resolution: {args.dino_resolution}",
                   f"    weights: {locations['dino']}"]
+    if "repa" in locations:
+        lines += ["  repa:", f"    net: {args.repa_model}", f"    weights: {locations['repa']}"]
     return "\n".join(lines)
 
 
@@ -162,23 +172,43 @@ def fetch_torchvision(net: str, out: Path) -> Path:
     return dest
 
 
-def fetch_dino(args, out: Path) -> Path:
+def timm_build(net: str, args) -> tuple[str, dict]:
+    """(model name, timm.create_model keyword arguments) of the DINO loss's network or REPA's teacher."""
+    if net == "repa":
+        return args.repa_model, {"num_classes": 0, "dynamic_img_size": True}
+    return args.dino_model, {"num_classes": 0, "img_size": args.dino_resolution}
+
+
+def check_timm(net: str, path: Path, args) -> None:
+    """Load the file the way the trainer does (strictly, into the same network)."""
+    from pixeldiff.config import DinoLossConfig, RepaLossConfig
+    from pixeldiff.perceptual import DinoLoss, load_weights_file
+    from pixeldiff.repa import RepaTeacher
+
+    sd = load_weights_file(path, str(path))
+    if net == "repa":
+        RepaTeacher(RepaLossConfig(weight=1.0, net=args.repa_model), 32, "cpu", state_dict=sd, source=str(path),
+                    key=str(path))
+    else:
+        DinoLoss(DinoLossConfig(weight=1.0, net=args.dino_model, resolution=args.dino_resolution), "cpu",
+                 state_dict=sd, source=str(path), key=str(path))
+
+
+def fetch_timm(net: str, args, out: Path) -> Path:
     import torch
 
     try:
         import timm
     except ImportError:
-        raise FetchError("dino: needs timm (pip install timm huggingface_hub)") from None
-    from pixeldiff.config import DinoLossConfig
-    from pixeldiff.perceptual import DinoLoss, load_weights_file
-
-    dest = out / file_name("dino", args)
+        raise FetchError(f"{net}: needs timm (pip install timm huggingface_hub)") from None
+    name, kwargs = timm_build(net, args)
+    dest = out / file_name(net, args)
     if not dest.is_file():
-        print(f"dino: timm.create_model({args.dino_model!r}, pretrained=True, num_classes=0, img_size={args.dino_resolution})")
+        print(f"{net}: timm.create_model({name!r}, pretrained=True, {', '.join(f'{k}={v}' for k, v in kwargs.items())})")
         try:
-            model = timm.create_model(args.dino_model, pretrained=True, num_classes=0, img_size=args.dino_resolution)
-        except Exception as e:  # noqa: BLE001 - hub, network or name problems
-            raise FetchError(f"dino: timm could not fetch {args.dino_model}: {type(e).__name__}: {e}") from None
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - hub, network, licence or name problems
+            raise FetchError(f"{net}: timm could not fetch {name}: {type(e).__name__}: {e}") from None
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
         try:
             torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
@@ -186,10 +216,8 @@ def fetch_dino(args, out: Path) -> Path:
         finally:
             if tmp.exists():
                 tmp.unlink()
-    sd = load_weights_file(dest, str(dest))
-    DinoLoss(DinoLossConfig(weight=1.0, net=args.dino_model, resolution=args.dino_resolution), "cpu",
-             state_dict=sd, source=str(dest), key=str(dest))
-    print(f"dino: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), loads strictly into {args.dino_model}")
+    check_timm(net, dest, args)
+    print(f"{net}: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), loads strictly into {name}")
     return dest
 
 
@@ -218,8 +246,9 @@ def main(argv=None) -> int:
         locations = {}
         for net in args.nets:
             name = file_name(net, args)
-            source = TORCHVISION.get(net) or (f"timm.create_model({args.dino_model!r}, pretrained=True, "
-                                              f"num_classes=0, img_size={args.dino_resolution})  (Hugging Face hub)")
+            model, kwargs = timm_build(net, args)
+            source = TORCHVISION.get(net) or (f"timm.create_model({model!r}, pretrained=True, "
+                                              f"{', '.join(f'{k}={v}' for k, v in kwargs.items())})  (Hugging Face hub)")
             print(f"would fetch {net}: {source}\n    -> {out / name}")
             if args.upload:
                 print(f"    -> {args.upload}/{name}")
@@ -230,7 +259,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         locations = {}
         for net in args.nets:
-            path = fetch_dino(args, out) if net == "dino" else fetch_torchvision(net, out)
+            path = fetch_timm(net, args, out) if net in ("dino", "repa") else fetch_torchvision(net, out)
             locations[net] = upload(path, args) if args.upload else str(path.resolve())
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
