@@ -19,6 +19,11 @@ says so). DCP's save returns on rank 0 only after every rank's write finished, s
 follows them all. The newest `keep` valid checkpoints stay; pruning deletes a checkpoint's
 marker first, so a half-deleted one is never mistaken for a valid one.
 
+Failures (`Saver`): a local disk without room for the save is refused before anything is written; a save that fails
+on any rank fails on all of them together, is retried with backoff on S3 (`checkpoint.retries`), then raises
+StorageError; what it wrote has no marker and is removed. Restores (`CheckpointManager.choose`, `check`) refuse
+foreign or tampered-with checkpoints (CheckpointError) and fall back past damaged ones (pixeldiff/checkpoint_verify.py).
+
 `CheckpointManager` is what the trainer holds: a checkpoint's named parts, restored and saved together.
 Loading (`load_into`) reads the shards into the current model's layout whatever the number of ranks
 or the parallelism that saved them (DCP reshards); `load` reads whole state dicts in one process.
@@ -63,7 +68,8 @@ class CheckpointError(Exception):
 
 class StorageError(Exception):
     """The checkpoint storage failed (disk full, S3 unreachable after the retries); the previous checkpoint is intact
-    and is the one the next start resumes from. Exit 1 (under Slurm: a failed job, requeued within max_failures)."""
+    and is the one the next start resumes from. Exit 1; under Slurm the run stops (not requeued, no node blamed: the
+    storage is every node's), and `pixeldiff-launch run` resumes it once the storage is fixed."""
 
 
 def describe(e: BaseException, limit: int = 400) -> str:

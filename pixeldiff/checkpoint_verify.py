@@ -68,10 +68,10 @@ def torch_load(source, where: str):
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise
         found = _GLOBAL.search(str(e))
-        name = found.group(1) if found else ""
+        if found is None:  # not a refused global: a garbled or truncated file, for the caller to report
+            raise
+        name = found.group(1)
         name = name if "." in name or not name else f"builtins.{name}"  # torch names builtins without their module
         raise UnsafeCheckpoint(f"{where} holds a pickled object that is not plain data"
                                f"{' (' + name + ')' if name else ''}; loading it could run code, so it is "
