@@ -656,19 +656,24 @@ class Saver:
                 time.sleep(delay)
             else:
                 break
+        local = not is_remote(self.root)
+        # ENOSPC is not always an OSError by the time it reaches us (torch's zip writer: "unexpected pos"): a local
+        # disk with less room left than the save needs is full whatever the error says
+        full = "[no space]" in problem or (local and shutil.disk_usage(self.root).free < self._needed)
+        problem = problem.replace(" [no space]", "")
         if self.rank == 0:
             self._discard(step)
-        last = latest_valid(self.root, log=lambda _: None, storage_options=self.storage_options) if not is_remote(self.root) else None
+        self._agree(None)  # the partial files are gone before any rank measures what is free
+        last = latest_valid(self.root, log=lambda _: None) if local else None
         space = ""
-        if "[no space]" in problem:
-            problem = problem.replace(" [no space]", "")
-            free = shutil.disk_usage(self.root).free if not is_remote(self.root) else None
+        if full:
+            free = shutil.disk_usage(self.root).free if local else None
             space = (f"; the disk is full: the checkpoint needs about {_mb(self._needed)}"
                      f"{f', {_mb(free)} are free' if free is not None else ''}; free some space or point checkpoint.dir "
                      f"at a larger disk (it must hold checkpoint.keep + 1 checkpoints)")
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         kept = (f"; the previous checkpoint{f', {_name(last)},' if last else ''} is intact and is the one a new start "
-                f"resumes from")
+                f"resumes from") if last or not local else "; there is no earlier checkpoint: a new start begins afresh"
         raise StorageError(f"saving the checkpoint of step {step} to {self.root} failed{tries}: {problem}{space}{kept}")
 
     def _discard(self, step: int) -> None:
