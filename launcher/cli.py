@@ -192,7 +192,7 @@ def cmd_run(args) -> int:
         print(f"job running in the background: pid {proc.pid}, log {log}")
         print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
         return 0
-    from pixeldiff.checkpoint import CheckpointError
+    from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, exit_code, run_job
 
@@ -204,6 +204,9 @@ def cmd_run(args) -> int:
         raise UsageError(str(e)) from None
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
+        return 1
+    except StorageError as e:  # disk full, S3 down: the previous checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return exit_code(reason)
 

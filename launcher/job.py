@@ -228,7 +228,7 @@ class EarlySignals:
 def rank_main(run_dir: Path, environ=os.environ) -> int:
     """One task of the training step: train, report. -> exit status (0: the trainer returned its end reason)."""
     from pixeldiff import distributed
-    from pixeldiff.checkpoint import CheckpointError
+    from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, run_job
 
@@ -242,7 +242,9 @@ def rank_main(run_dir: Path, environ=os.environ) -> int:
             raise RuntimeError(f"injected start-up failure on {node} (PIXELDIFF_TEST_FAIL_NODES)")
         # the trainer's flag-setting handlers stay to the end: a late signal must not cut its last writes short
         reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
-    except (ConfigError, DataError, CheckpointError, RunLocked) as e:  # another job would fail the same way
+    # another job would fail the same way; StorageError (disk full, S3 down past the retries) is the shared
+    # storage's, not this node's: stop, blame no node, `run` resumes once it is fixed
+    except (ConfigError, DataError, CheckpointError, StorageError, RunLocked) as e:
         report_failure(run_dir, rank, e, environ, fatal=True)
         print(f"pixeldiff: rank {rank}: {type(e).__name__}: {e}", flush=True)
         return 1

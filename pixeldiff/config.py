@@ -217,6 +217,8 @@ class CheckpointConfig:
     interval_steps: int = 1000
     keep: int = 3
     async_save: bool = True  # write in the background while training goes on; final saves are always synchronous
+    retries: int = 5  # s3:// only: a failed save is tried again this many times, after retry_backoff_s, doubling
+    retry_backoff_s: float = 2.0
 
 
 @dataclass
@@ -456,6 +458,9 @@ def validate(m: Manifest) -> None:
             raise ConfigError(f"objective.{key}: must be in [0, 1], got {getattr(ob, key)}")
     if m.checkpoint.keep < 2:
         raise ConfigError(f"checkpoint.keep: must be >= 2 so a valid checkpoint survives a crash during a save, got {m.checkpoint.keep}")
+    if m.checkpoint.retries < 0 or m.checkpoint.retry_backoff_s < 0:
+        raise ConfigError(f"checkpoint: retries and retry_backoff_s must be >= 0, got {m.checkpoint.retries} and "
+                          f"{m.checkpoint.retry_backoff_s}")
     if m.checkpoint.interval_steps <= 0:
         raise ConfigError(f"checkpoint.interval_steps: must be > 0, got {m.checkpoint.interval_steps}")
     if m.checkpoint.dir is not None:

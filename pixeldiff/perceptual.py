@@ -40,8 +40,12 @@ _INIT_SEED = {"lpips": 7_340_033, "dino": 7_340_034}  # random-init fallback: fi
 
 def load_weights_file(path: Path, key: str) -> dict:
     """torch.load(weights_only=True) -> a flat dict of tensors; ConfigError naming the field on failure."""
+    from pixeldiff.checkpoint_verify import UnsafeCheckpoint, torch_load
+
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load(path, str(path))
+    except UnsafeCheckpoint as e:  # tampered with, or not a weights file: it is never unpickled
+        raise ConfigError(f"{key}: {e}; fetch the weights again with tools/fetch_weights.py") from None
     except Exception as e:
         raise ConfigError(f"{key}: cannot load {path} as a state dict ({type(e).__name__}: {e})") from None
     for wrapper in ("state_dict", "model"):  # common checkpoint layouts

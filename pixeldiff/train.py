@@ -25,7 +25,7 @@ import torch
 
 from pixeldiff import checkpoint, distributed
 from pixeldiff.budget import JobClock
-from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config
+from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config, to_dict
 from pixeldiff.data import BatchSource, SyntheticSource, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
@@ -106,7 +106,9 @@ def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
         train=t.state, data=t.data, files=t.provenance_files, on_saved=t.on_saved,
         storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
         process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
-        broadcast=distributed.broadcast_object, log=t.log, replicated=t.par.ddp is not None, device=t.device)
+        broadcast=distributed.broadcast_object, log=t.log, replicated=t.par.ddp is not None, device=t.device,
+        manifest=to_dict(m), retries=m.checkpoint.retries, retry_backoff_s=m.checkpoint.retry_backoff_s,
+        on_event=t.metrics.event)
 
 
 def check_batches(m: Manifest, world_size: int) -> None:
@@ -183,7 +185,7 @@ class Trainer:
         if self.clock is not None:
             self.clock.observe_save(record["seconds_write"])
         self.metrics.event("checkpoint_saved", **{k: record[k] for k in ("step", "checkpoint", "seconds_blocked",
-                                                                         "seconds_write", "bytes", "async") if k in record})
+                                                                         "seconds_write", "bytes", "async", "attempts") if k in record})
 
     def restore(self) -> bool:
         path = self.ckpt.restore()
@@ -365,7 +367,7 @@ class Trainer:
             self.metrics.event("warning", message=message, step=st.step)
         try:
             self.loop(stop)
-        except DataError as e:
+        except (DataError, checkpoint.StorageError, checkpoint.CheckpointError) as e:
             self.end_segment(f"failed: {e}", step=st.step)
             raise
         finally:
@@ -495,6 +497,9 @@ def main(argv=None) -> int:
         return 2
     except DataError as e:
         print(f"error: the data cannot feed the run: {e}", file=sys.stderr)
+        return 1
+    except checkpoint.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return exit_code(reason)
 
