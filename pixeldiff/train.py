@@ -33,6 +33,7 @@ from pixeldiff.ledger import read_jsonl
 from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
+from pixeldiff.optim import OptimizerState, build_optimizer
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
 from pixeldiff.process import (LOCK_WAIT_S, RunLocked, StopFlag, code_version, ignore_late_stop_signals, lock_run,
@@ -99,7 +100,7 @@ def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
     root = (d if checkpoint.is_remote(d) else Path(d)) if d else t.run_dir / "checkpoints"
     return checkpoint.CheckpointManager(
         root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
-        sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": checkpoint.ModelState(t.model, t.opt)},
+        sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": OptimizerState(t.model, t.opt)},
         train=t.state, data=t.data, files=t.provenance_files, on_saved=t.on_saved,
         storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
         process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
@@ -153,9 +154,7 @@ class Trainer:
         self.ema = EMA(self.model, m.optimizer.ema_decay, m.optimizer.ema_every)
         self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device)
         o = m.optimizer
-        # fused: one kernel, and it honours `found_inf` (a skipped step leaves weights and moments alone)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay, fused=True)
+        self.opt = build_optimizer(self.model, o)  # both honour `found_inf`: a skipped step leaves all state alone
         self.guard = DivergenceGuard(self.device, o.max_skipped_steps)
         nan = os.environ.get(NAN_AT_STEP_ENV, "")  # "N": step N's loss once; "N+": every step from N on
         self.nan_at, self.nan_from = int(nan.rstrip("+") or 0), nan.endswith("+")
@@ -213,8 +212,7 @@ class Trainer:
         m, st = self.m, self.state
         micro, accum = micro_layout(m.stages[st.stage], self.env.world_size)
         lr = lr_at(st.step, m.optimizer) * st.lr_scale
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.opt.set_lr(lambda base: lr_at(st.step, m.optimizer, base) * st.lr_scale)  # each group from its own base
         total, parts = 0.0, {}
         for a in range(accum):
             images, text, mask = to_device(next(batches), self.encoder, self.device)
