@@ -226,12 +226,24 @@ def test_training_on_two_gloo_ranks_matches_one_process(write_manifest, tmp_path
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     s1, s2 = (checkpoint.load(checkpoint.latest_valid(d / name / "checkpoints"), names=("model", "optimizer"))
               for d in (tmp_path / "one", tmp_path / "two"))
+    m = load_manifest(manifest)
+    torch.manual_seed(m.seed)
+    w0 = PixelDiT(m.model, m.data.text.dim).state_dict()  # the trainer's initial weights
+    # Summed in another order, the two runs' gradients differ in their last bits, and Muon's 5 Newton-Schulz steps (in
+    # bf16) magnify small differences in a matrix's weak directions (slope ~3.4 per step near 0): after 6 steps the
+    # Muon matrices' movements differ by 4-18% (measured), the rest by < 0.1%. Orthogonalising each FSDP shard alone
+    # instead of the whole matrix (a bug this catches) gave 53-82%, 1-5% and momentum 1-17% apart. Same gradients give
+    # the same bits: the test above.
+    muon = {k for k, v in s1["optimizer"]["state"].items() if MUON_STATE in v}
+    assert len(muon) == 12
     for k in s1["model"]:
-        torch.testing.assert_close(s2["model"][k], s1["model"][k], rtol=1e-4, atol=1e-5)
-    momentum = {k: v[MUON_STATE] for k, v in s1["optimizer"]["state"].items() if MUON_STATE in v}
-    assert len(momentum) == 12
-    for k, v in momentum.items():
-        torch.testing.assert_close(s2["optimizer"]["state"][k][MUON_STATE], v, rtol=1e-3, atol=1e-6)
+        moved = s1["model"][k] - w0[k]
+        if moved.norm() > 0:
+            apart = ((s2["model"][k] - w0[k]) - moved).norm() / moved.norm()
+            assert apart <= (0.3 if k in muon else 5e-3), (k, apart)
+    for k in muon:
+        v = s1["optimizer"]["state"][k][MUON_STATE]
+        assert (s2["optimizer"]["state"][k][MUON_STATE] - v).norm() <= 5e-3 * v.norm(), k
 
 
 # ---------------------------------------------------------------- checkpoints
