@@ -9,11 +9,14 @@ so that two promises of the trainer hold:
   momentum buffers, and it costs no host synchronisation. The step runs as usual, on a gradient replaced by the
   momentum buffer itself (so the buffer's lerp towards it is the identity), and the weight takes the new value only
   where `found_inf` is 0 (`torch.where` on the device). The fused AdamW honours the same tensor by itself.
-- Under FSDP2 each rank holds a row shard of every matrix, but the orthogonalisation needs the whole matrix: the
-  momentum update (bf16, what Newton-Schulz works in) is all-gathered per matrix, every rank orthogonalises the
-  whole matrix, and keeps its own rows. The result is the one-process update on every world size; it costs one
-  bf16 all-gather of each block matrix per step and the Newton-Schulz FLOPs on every rank. Under DDP every rank
-  has the whole matrices (and the same reduced gradients) and computes the same update, as AdamW does.
+- The orthogonalisation needs whole matrices and its FLOPs are large (JiT-32: 47 TFLOP per step, as much as a
+  GPU's 32 images of training at 512 px; tools/bench_muon.py), so each matrix is orthogonalised once, by one rank
+  (`owners`: whole matrices dealt out, balanced by FLOPs), and sent to the others. Under FSDP2 each rank holds a
+  row shard of every matrix: the momentum update (bf16, what Newton-Schulz works in) is all-gathered per matrix,
+  its owner orthogonalises it, and scatters the rows back. Under DDP every rank has the whole matrices (the same
+  reduced gradients): the owner orthogonalises and broadcasts it. The result is the one-process update, to the
+  bit, on every world size (the same bf16 matrix goes in), for one bf16 all-gather (FSDP) and one scatter or
+  broadcast of each block matrix per step.
 """
 
 from __future__ import annotations
@@ -50,13 +53,33 @@ def _whole(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()).full_tensor()
 
 
-def _own_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `full`, laid out like parameter `like` (no communication)."""
+def _own_part(full: torch.Tensor, like: torch.Tensor, src: int | None) -> torch.Tensor:
+    """This rank's part of `full` laid out like parameter `like`: as computed here (`src` None), or as rank `src`
+    computed it (sent from there: a scatter of the rows under FSDP2, a broadcast of the whole matrix under DDP)."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=src).to_local()
+    if src is not None:
+        dist.broadcast(full, src=src)
+    return full
+
+
+def owners(shapes: list[tuple[int, int]], world: int) -> list[int]:
+    """The rank that orthogonalises each matrix: the costliest first, each to the least loaded rank so far (by
+    Newton-Schulz FLOPs, ~ short side^2 x long side). The same answer on every rank."""
+    load, out = [0.0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-min(shapes[i]) ** 2 * max(shapes[i]), i)):
+        out[i] = min(range(world), key=lambda r: (load[r], r))
+        load[out[i]] += min(shapes[i]) ** 2 * max(shapes[i])
+    return out
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -65,8 +88,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class GuardedMuon(torch.optim.Muon):
     """`torch.optim.Muon` that honours a `found_inf` attribute (a 0-d tensor; 1 = leave everything untouched) without a
-    host sync, and orthogonalises FSDP2-sharded matrices whole. With `found_inf` unset or 0 and unsharded matrices,
-    its step is torch's to the bit (tests/test_muon.py)."""
+    host sync, and orthogonalises each matrix once over all ranks (`owners`) and whole (FSDP2 shards gathered). With
+    `found_inf` unset or 0, in one process, its step is torch's to the bit (tests/test_muon.py). Every rank must step
+    the same matrices (all have gradients, as after any backward of the whole model)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -76,11 +100,12 @@ class GuardedMuon(torch.optim.Muon):
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
         skip = None if found_inf is None else found_inf.to(torch.bool)
+        rank, world = _world()
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            owner = owners([tuple(p.shape) for p in params], world)
+            for p, own in zip(params, owner):
                 state = self.state[p]
                 if MUON_STATE not in state:
                     state[MUON_STATE] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
@@ -90,8 +115,9 @@ class GuardedMuon(torch.optim.Muon):
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 whole = _whole(update.bfloat16(), p)  # Newton-Schulz casts to bf16 first: gather half the bytes
-                ortho = _own_part(_zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"],
-                                                              group["eps"]), p)
+                if own == rank:
+                    whole = _zeropower_via_newtonschulz(whole, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                ortho = _own_part(whole.contiguous(), p, own if world > 1 else None)
                 step_lr = _adjust_lr(lr, group["adjust_lr_fn"], p.shape)  # the whole matrix's shape
                 if skip is None:
                     w.mul_(1 - lr * wd).add_(ortho, alpha=-step_lr)

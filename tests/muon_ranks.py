@@ -1,6 +1,7 @@
 """Run by tests/test_muon.py, in one process or by torchrun on gloo ranks: the test model under `parallel` (none, ddp,
 fsdp), the run's Muon + AdamW, fed the same whole gradients on every rank for a few steps (one of them skipped through
-`found_inf`); rank 0 writes the whole weights and Muon momentum buffers to OUT.
+`found_inf`); rank 0 writes the whole weights and Muon momentum buffers to OUT, and how many matrices each rank
+orthogonalised.
 
     python tests/muon_ranks.py none|ddp|fsdp OUT
 """
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixeldiff import distributed  # noqa: E402
+from pixeldiff import distributed, optim  # noqa: E402
 from pixeldiff.config import ClusterConfig, OptimizerConfig  # noqa: E402
 from pixeldiff.ema import EMA  # noqa: E402
 from pixeldiff.model import PixelDiT  # noqa: E402
@@ -28,7 +29,19 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
+def count_orthogonalisations() -> list:
+    calls, ns = [], optim._zeropower_via_newtonschulz
+
+    def counted(*args):
+        calls.append(tuple(args[0].shape))
+        return ns(*args)
+
+    optim._zeropower_via_newtonschulz = counted
+    return calls
+
+
 def main(parallel: str, out: str) -> None:
+    calls = count_orthogonalisations()
     env = distributed.env_from()
     device = torch.device("cpu")
     distributed.init(env, device)
@@ -53,6 +66,10 @@ def main(parallel: str, out: str) -> None:
     names = {id(p): n for n, p in par.model.named_parameters()}
     state = {"weights": {n: whole(p) for n, p in par.model.named_parameters()},
              "momentum": {names[id(p)]: whole(s[MUON_STATE]) for p, s in muon.state.items()}}
+    every = [None] * env.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(every, len(calls))
+    state["orthogonalised"] = every if dist.is_initialized() else [len(calls)]  # matrices, per rank
     if env.rank == 0:
         torch.save(state, out)
     if dist.is_initialized():

@@ -21,7 +21,7 @@ from pixeldiff import checkpoint
 from pixeldiff.config import ConfigError, OptimizerConfig
 from pixeldiff.ledger import read_jsonl
 from pixeldiff.model import PixelDiT
-from pixeldiff.optim import MUON_STATE, GuardedMuon, build_optimizer, checkpoint_optimizer, split_params
+from pixeldiff.optim import MUON_STATE, GuardedMuon, build_optimizer, checkpoint_optimizer, owners, split_params
 from pixeldiff.presets import ModelConfig
 from pixeldiff.schedule import lr_at
 from test_train import assert_same_state, final_state, resume_and_compare, start_and_interrupt
@@ -176,6 +176,18 @@ def test_the_trainer_sets_both_groups_learning_rates_each_step(write_manifest, t
 # ---------------------------------------------------------------- one process and two ranks
 
 
+def test_whole_matrices_are_dealt_out_to_ranks_balanced_by_newton_schulz_flops():
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for _, p in split_params(PixelDiT(ModelConfig("JiT-32"), 2304))[0]]
+    cost = [min(s) ** 2 * max(s) for s in shapes]
+    for world in (1, 2, 8, 32):
+        got = owners(shapes, world)
+        assert got == owners(shapes, world) and set(got) == set(range(world))
+        load = [sum(c for c, o in zip(cost, got) if o == r) for r in range(world)]
+        assert max(load) <= 1.1 * sum(cost) / world + max(cost) * (world > len(shapes) / 4), (world, load)
+    assert owners([(4, 4)] * 5, 8) == [0, 1, 2, 3, 4]  # fewer matrices than ranks: some ranks have none
+
+
 def rank_run(tmp_path, parallel: str, nproc: int) -> dict:
     out = tmp_path / f"{parallel}-{nproc}.pt"
     cmd = [sys.executable, str(REPO / "tests" / "muon_ranks.py"), parallel, str(out)]
@@ -193,6 +205,8 @@ def test_two_gloo_ranks_make_the_one_process_update_to_the_bit(tmp_path, paralle
     whole matrix to orthogonalise it and keeps its rows; the weights and momentum equal one process's exactly."""
     one, two = rank_run(tmp_path, "none", 1), rank_run(tmp_path, parallel, 2)
     assert len(one["momentum"]) == 12
+    assert one["orthogonalised"] == [12 * 4] and sum(two["orthogonalised"]) == 12 * 4  # each matrix once per step
+    assert min(two["orthogonalised"]) >= 12 * 4 // 3  # shared by both ranks
     for part in ("weights", "momentum"):
         assert one[part].keys() == two[part].keys()
         for k in one[part]:

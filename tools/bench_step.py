@@ -3,11 +3,13 @@
     python tools/bench_step.py --preset JiT-32 --res 512:32 --res 1024:8 --text-len 256 --text-dim 2304
     python tools/bench_step.py --preset tiny --res 32:32 --res 64:32          # CPU
 
-Each row times full optimizer steps (x-prediction loss, backward, grad clip, AdamW;
-bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
+Each row times full optimizer steps (x-prediction loss, backward, grad clip, the trainer's
+fused AdamW; bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
 eager baseline measured in the same run, and model FLOPs utilisation against --peak-tflops.
 Modes `eager+lpips`, `eager+dino`, `eager+lpips+dino` add the speedrun's perceptual losses
-(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); their "vs eager" ratio is what each costs. `--calibration FILE` writes the
+(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); `+muon` (e.g. `eager+muon`, `compile+muon`)
+trains the blocks' matrices with Muon instead (optimizer.name: muon); their "vs eager" ratio is
+what each costs. `--calibration FILE` writes the
 measured img/s per GPU per resolution as JSON for the planner.
 """
 
@@ -23,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig  # noqa: E402
+from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig, OptimizerConfig  # noqa: E402
 from pixeldiff.model import ModelConfig, PixelDiT  # noqa: E402
 from pixeldiff.objective import XPrediction  # noqa: E402
+from pixeldiff.optim import build_optimizer  # noqa: E402
 
 
 def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast, perceptual=None):
@@ -70,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--modes", default="eager,compile", help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino")
+    ap.add_argument("--modes", default="eager,compile",
+                    help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino, eager+muon, compile+muon")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak, for MFU (H100 989, H200 989)")
     ap.add_argument("--calibration", help="write measured img/s per GPU per resolution here (JSON)")
     args = ap.parse_args(argv)
@@ -90,15 +94,14 @@ def main(argv=None):
     for mode in args.modes.split(","):
         torch.manual_seed(0)
         model = PixelDiT(ModelConfig(args.preset), args.text_dim).to(device)
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+        names = mode.split("+")[1:]
+        opt = build_optimizer(model, OptimizerConfig(name="muon" if "muon" in names else "adamw"))  # lr 1e-4 each
         objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
-        net = torch.compile(model) if mode == "compile" else model
+        net = torch.compile(model) if mode.split("+")[0] == "compile" else model
         perceptual = None
-        if "+" in mode:  # the speedrun's perceptual losses (random frozen weights: the cost is the same)
+        if {"lpips", "dino"} & set(names):  # the speedrun's perceptual losses (random frozen weights: the cost is the same)
             from pixeldiff.perceptual import PerceptualLosses
 
-            names = mode.split("+")[1:]
             losses = LossesConfig(lpips=LpipsLossConfig(weight=0.1 if "lpips" in names else 0.0, downscale=0.5),
                                   dino=DinoLossConfig(weight=0.01 if "dino" in names else 0.0))
             perceptual = PerceptualLosses(losses, device, log=lambda *_: None)
