@@ -189,12 +189,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> Optimizers:
 # ------------------------------------------------------------------ the checkpoint part
 
 
-def checkpoint_optimizer(path, storage_options: dict | None = None) -> str:
+def checkpoint_optimizer(path, storage_options: dict | None = None) -> str | None:
     """-> 'muon' or 'adamw': which optimizer wrote the checkpoint at `path`, from the keys its shards hold (Muon
-    keeps a momentum buffer per matrix, AdamW two moments per parameter)."""
-    meta = checkpoint._reader(path, storage_options).read_metadata()
-    return "muon" if any(k.startswith("optimizer.") and k.endswith("." + MUON_STATE) for k in meta.state_dict_metadata) \
-        else "adamw"
+    keeps a momentum buffer per matrix, AdamW two moments per parameter); None when its metadata cannot be read (the
+    load says why)."""
+    try:
+        meta = checkpoint._reader(path, storage_options).read_metadata()
+    except (OSError, ValueError, EOFError, RuntimeError):
+        return None
+    keys = meta.state_dict_metadata
+    return "muon" if any(k.startswith("optimizer.") and k.endswith("." + MUON_STATE) for k in keys) else "adamw"
 
 
 class OptimizerState(checkpoint.ModelState):
@@ -206,7 +210,7 @@ class OptimizerState(checkpoint.ModelState):
 
     def check_checkpoint(self, path, storage_options: dict | None = None) -> None:
         have, want = checkpoint_optimizer(path, storage_options), self.optimizer.name
-        if have != want:
+        if have is not None and have != want:
             raise checkpoint.CheckpointError(
                 f"{path} holds {have} optimizer state, but the manifest says optimizer.name: {want}; the optimizer "
                 f"cannot be switched in the middle of a run. Set optimizer.name back to {have} to resume it, or start "

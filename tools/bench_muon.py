@@ -2,14 +2,15 @@
 
     python tools/bench_muon.py --preset tiny --res 32:32 --res 64:32          # CPU, the dry run's model
     python tools/bench_muon.py --preset JiT-32 --res 512:32 --text-len 256 --text-dim 2304 --trials 10
+    python tools/bench_muon.py --preset JiT-32 --res 512:32 --res 1024:16 --text-len 256 --text-dim 2304 --flops-only
 
 Two copies of the same model train side by side, one with `optimizer.name: adamw`, one with `muon`
 (pixeldiff/optim.py), their steps interleaved (AdamW, Muon, AdamW, ...) so that load from other
 processes falls on both alike. Each row is the median over the trials of a full step (x-prediction
 loss, backward, clip, optimizer; bf16 autocast on GPU) and of the optimizer step alone, and the
-Muon / AdamW ratio of each. It then prints, for the preset, the Newton-Schulz FLOPs each rank
-spends per step (every rank orthogonalises every block matrix, under DDP and FSDP alike) against
-the model's training FLOPs per rank per step: an estimate of the cost on a GPU, not a measurement.
+Muon / AdamW ratio of each. It then prints, for the preset, the Newton-Schulz FLOPs of one step
+(each matrix is orthogonalised by one rank, the matrices dealt out over --gpus ranks) against the
+model's training FLOPs per GPU per step: an estimate of the cost on GPUs, not a measurement.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 from pixeldiff.config import ObjectiveConfig, OptimizerConfig  # noqa: E402
 from pixeldiff.model import ModelConfig, PixelDiT  # noqa: E402
 from pixeldiff.objective import XPrediction  # noqa: E402
-from pixeldiff.optim import build_optimizer, split_params  # noqa: E402
+from pixeldiff.optim import build_optimizer, owners, split_params  # noqa: E402
 
 
 def newton_schulz_flops(shapes, steps: int = 5) -> float:
@@ -54,14 +55,21 @@ def main(argv=None):
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batch-per-gpu", type=int, default=32, help="for the FLOPs estimate (speedrun: 1024 / 32 GPUs)")
+    ap.add_argument("--gpus", type=int, default=32, help="for the FLOPs estimate (speedrun: 32)")
+    ap.add_argument("--flops-only", action="store_true", help="only the FLOPs estimate (no steps run)")
     args = ap.parse_args(argv)
     pairs = [tuple(int(v) for v in r.split(":")) for r in (args.res or ["32:32", "64:32"])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}; median of {args.trials} interleaved "
-          f"steps each", flush=True)
+    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}" +
+          ("" if args.flops_only else f"; median of {args.trials} interleaved steps each"), flush=True)
+    if not args.flops_only:
+        measure(args, pairs, device, autocast)
+    estimate(args, pairs)
+
+
+def measure(args, pairs, device, autocast) -> None:
     torch.manual_seed(0)
     base = PixelDiT(ModelConfig(args.preset), args.text_dim).to(device)
     models = {"adamw": base, "muon": copy.deepcopy(base)}
@@ -98,16 +106,23 @@ def main(argv=None):
         (sa, oa), (sm, om) = ((statistics.median(v) for v in times[k]) for k in ("adamw", "muon"))
         print(f"{res:>5}{batch:>6}{sa:>14.4f}{sm:>13.4f}{sm / sa:>11.2f}x{oa * 1e3:>14.2f}{om * 1e3:>13.2f}"
               f"{om / oa:>10.2f}x", flush=True)
+
+
+def estimate(args, pairs) -> None:
     with torch.device("meta"):
         meta = PixelDiT(ModelConfig(args.preset), args.text_dim)
         shapes = [tuple(p.shape) for _, p in split_params(meta)[0]]
         ns = newton_schulz_flops(shapes)
+        dealt = owners(shapes, args.gpus)
+        most = max(sum(newton_schulz_flops([s]) for s, o in zip(shapes, dealt) if o == r) for r in range(args.gpus))
         print(f"{len(shapes)} Muon matrices, {sum(r * c for r, c in shapes) / 1e6:.1f}M of "
-              f"{meta.num_params() / 1e6:.1f}M parameters; Newton-Schulz: {ns / 1e12:.3f} TFLOP per step on every rank")
-        for res, _ in pairs:
-            train = 3 * meta.flops_per_sample(res, args.text_len) * args.batch_per_gpu
-            print(f"  at {res} px, {args.batch_per_gpu} images per GPU: training {train / 1e12:.2f} TFLOP per GPU per "
-                  f"step; Newton-Schulz adds {ns / train:.1%} of it (estimate, at the same FLOP rate)")
+              f"{meta.num_params() / 1e6:.1f}M parameters; Newton-Schulz: {ns / 1e12:.3f} TFLOP per step in all, "
+              f"{most / 1e12:.3f} on the busiest of {args.gpus} GPUs")
+        for res, batch in pairs:  # batch: images per GPU (the speedrun: 1024 / 32 at 512 px, 512 / 32 at 1024 px)
+            train = 3 * meta.flops_per_sample(res, args.text_len) * batch
+            print(f"  at {res} px, {batch} images per GPU: training {train / 1e12:.2f} TFLOP per GPU per "
+                  f"step; Newton-Schulz adds {most / train:.1%} over {args.gpus} GPUs ({ns / train:.0%} if every GPU "
+                  f"did all of it) (estimate, at the same FLOP rate)")
 
 
 if __name__ == "__main__":
