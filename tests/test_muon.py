@@ -24,7 +24,7 @@ from pixeldiff.model import PixelDiT
 from pixeldiff.optim import MUON_STATE, GuardedMuon, build_optimizer, checkpoint_optimizer, owners, split_params
 from pixeldiff.presets import ModelConfig
 from pixeldiff.schedule import lr_at
-from test_train import assert_same_state, final_state, resume_and_compare, start_and_interrupt
+from test_train import final_state, resume_and_compare, start_and_interrupt
 
 MUON = {"name": "muon", "muon_lr": 1e-3}  # the tiny test model at the test manifest's AdamW lr
 
