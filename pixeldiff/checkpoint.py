@@ -806,6 +806,8 @@ class CheckpointManager:
             return None
         if not is_remote(path):
             path = Path(path)
+        for part in self.sharded.values():  # a part may refuse a checkpoint before anything is read (optim.py)
+            getattr(part, "check_checkpoint", lambda *_: None)(path, self.storage_options)
         state = {name: part.state_dict() for name, part in self.sharded.items()}  # the layout DCP fills
         mine = replicated.share(state, self.rank, self.world) if self.replicated else state
         load_into(path, mine, self.process_group, self.storage_options)

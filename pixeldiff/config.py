@@ -152,7 +152,9 @@ class TreadConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: Literal["adamw"] = "adamw"
+    # adamw: fused AdamW for every parameter; muon: Muon for the transformer blocks' 2-D weight matrices, AdamW (lr,
+    # betas, eps, weight_decay below) for the rest (pixeldiff/optim.py)
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
@@ -167,6 +169,14 @@ class OptimizerConfig:
     on_divergence: Literal["rollback", "stop"] = "rollback"
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    # Muon (name: muon only): torch.optim.Muon's arguments; the schedule scales muon_lr like lr
+    muon_lr: float = 1e-4
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    # the update's scale per matrix: match_rms_adamw = 0.2 x sqrt(max(rows, cols)) (AdamW-like RMS, lr carries over)
+    muon_adjust_lr: Literal["match_rms_adamw", "original", "spectral_unclamped"] = "match_rms_adamw"
+    muon_weight_decay: float = 0.0
 
 
 @dataclass
@@ -449,6 +459,7 @@ def validate(m: Manifest) -> None:
         raise ConfigError(f"optimizer.betas: each must be in [0, 1), got {o.betas}")
     if o.eps < 0 or o.weight_decay < 0:
         raise ConfigError(f"optimizer: eps and weight_decay must be >= 0, got {o.eps} and {o.weight_decay}")
+    validate_muon(o)
     ob = m.objective
     _require("objective.t_clamp", ob.t_clamp, 0 < ob.t_clamp < 1, "in (0, 1)")
     for key in ("t_std", "shift_base", "shift_reference_px"):
@@ -569,6 +580,20 @@ def validate_recipe(m: Manifest, mc: ModelConfig) -> None:
     if m.logging.sample_guidance == "self" and tr.ratio <= 0:
         raise ConfigError("logging.sample_guidance: 'self' guides with the dense vs the routed prediction, which "
                           "needs tread.ratio > 0; use 'cfg' for a model trained without TREAD")
+
+
+def validate_muon(o: OptimizerConfig) -> None:
+    """The Muon fields (checked whatever optimizer.name is, so that switching to muon later cannot fail)."""
+    if o.muon_lr <= 0:
+        raise ConfigError(f"optimizer.muon_lr: must be > 0, got {o.muon_lr}; the published recipe uses 1e-4")
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError(f"optimizer.muon_momentum: must be in [0, 1), got {o.muon_momentum}; the published recipe "
+                          f"uses 0.95")
+    if not 1 <= o.muon_ns_steps < 100:
+        raise ConfigError(f"optimizer.muon_ns_steps: must be in [1, 99] Newton-Schulz iterations, got "
+                          f"{o.muon_ns_steps}; the published recipe uses 5")
+    if o.muon_weight_decay < 0:
+        raise ConfigError(f"optimizer.muon_weight_decay: must be >= 0, got {o.muon_weight_decay}")
 
 
 def dump_yaml(m: Manifest) -> str:

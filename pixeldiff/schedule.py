@@ -101,8 +101,10 @@ def resplit(ends: tuple[int, ...], step: int, batches: list[int], rates: list[fl
     return tuple(out)
 
 
-def lr_at(step: int, cfg: OptimizerConfig) -> float:
-    """Linear warmup over warmup_steps, then constant (the speedrun's schedule)."""
+def lr_at(step: int, cfg: OptimizerConfig, base: float | None = None) -> float:
+    """Linear warmup over warmup_steps, then constant (the speedrun's schedule), of `base` (default `cfg.lr`; Muon's
+    group passes `cfg.muon_lr`)."""
+    base = cfg.lr if base is None else base
     if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr
+        return base * (step + 1) / cfg.warmup_steps
+    return base

@@ -34,6 +34,7 @@ from pixeldiff.ledger import read_jsonl
 from pixeldiff.metrics import MetricsLogger
 from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction, tread_route
+from pixeldiff.optim import OptimizerState, build_optimizer
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
 from pixeldiff.repa import build_teacher, repa_active
@@ -103,7 +104,7 @@ def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
     root = (d if checkpoint.is_remote(d) else Path(d)) if d else t.run_dir / "checkpoints"
     return checkpoint.CheckpointManager(
         root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
-        sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": checkpoint.ModelState(t.model, t.opt)},
+        sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": OptimizerState(t.model, t.opt)},
         train=t.state, data=t.data, files=t.provenance_files, on_saved=t.on_saved,
         storage_options=storage_options(m.data.s3) if checkpoint.is_remote(root) else None,
         process_group=distributed.checkpoint_group(), barrier=distributed.barrier,
@@ -162,9 +163,7 @@ class Trainer:
         repa_ends = self.teacher is not None and (m.losses.repa.until_step > 0 or any(s.repa is False for s in m.stages))
         self.par = parallelize(self.model, self.ema, m.cluster, env.world_size, self.device, unused_parameters=repa_ends)
         o = m.optimizer
-        # fused: one kernel, and it honours `found_inf` (a skipped step leaves weights and moments alone)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                     weight_decay=o.weight_decay, fused=True)
+        self.opt = build_optimizer(self.model, o)  # both honour `found_inf`: a skipped step leaves all state alone
         self.guard = DivergenceGuard(self.device, o.max_skipped_steps)
         nan = os.environ.get(NAN_AT_STEP_ENV, "")  # "N": step N's loss once; "N+": every step from N on
         self.nan_at, self.nan_from = int(nan.rstrip("+") or 0), nan.endswith("+")
@@ -223,8 +222,7 @@ class Trainer:
         m, st = self.m, self.state
         micro, accum = micro_layout(m.stages[st.stage], self.env.world_size)
         lr = lr_at(st.step, m.optimizer) * st.lr_scale
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        self.opt.set_lr(lambda base: lr_at(st.step, m.optimizer, base) * st.lr_scale)  # each group from its own base
         repa_at = m.losses.repa.block if self.teacher is not None and repa_active(m, st.stage, st.step) else None
         total, parts = 0.0, {}
         for a in range(accum):

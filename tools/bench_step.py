@@ -3,13 +3,15 @@
     python tools/bench_step.py --preset JiT-32 --res 512:32 --res 1024:8 --text-len 256 --text-dim 2304
     python tools/bench_step.py --preset tiny --res 32:32 --res 64:32          # CPU
 
-Each row times full optimizer steps (x-prediction loss, backward, grad clip, AdamW;
-bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
+Each row times full optimizer steps (x-prediction loss, backward, grad clip, the trainer's
+fused AdamW; bf16 autocast on GPU) after warm-up, and prints img/s per device, the ratio to the
 eager baseline measured in the same run, and model FLOPs utilisation against --peak-tflops.
 Modes `eager+lpips`, `eager+dino`, `eager+lpips+dino` add the speedrun's perceptual losses
-(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); their "vs eager" ratio is what each costs.
-`+tread` routes 50% of the image tokens past blocks 2..penultimate (TREAD; its "vs eager" ratio is
-the saving), `+repa` adds REPA (block 8's projector against --repa-net, a DINOv3 ViT-L/16 by default). `--calibration FILE` writes the
+(LPIPS VGG at 0.5x, DINOv2 ViT-B/14 at 224 px); `+muon` (e.g. `eager+muon`, `compile+muon`)
+trains the blocks' matrices with Muon instead (optimizer.name: muon); `+tread` routes 50% of the
+image tokens past blocks 2..penultimate (TREAD); `+repa` adds REPA (block 8's projector against
+--repa-net, a DINOv3 ViT-L/16 by default); components combine, and each mode's "vs eager" ratio is
+what it costs (or saves). `--calibration FILE` writes the
 measured img/s per GPU per resolution as JSON for the planner.
 """
 
@@ -25,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig  # noqa: E402
+from pixeldiff.config import DinoLossConfig, LossesConfig, LpipsLossConfig, ObjectiveConfig, OptimizerConfig  # noqa: E402
 from pixeldiff.model import ModelConfig, PixelDiT, resolve_model_config  # noqa: E402
 from pixeldiff.objective import XPrediction, tread_route  # noqa: E402
+from pixeldiff.optim import build_optimizer  # noqa: E402
 
 
 def bench(model, objective, opt, res, batch, text_len, text_dim, device, steps, warmup, autocast, perceptual=None,
@@ -84,7 +87,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--modes", default="eager,compile", help="eager, compile, eager+lpips, eager+dino, eager+lpips+dino, "
-                    "eager+tread, eager+repa, eager+tread+repa (components combine)")
+                    "eager+muon, compile+muon, eager+tread, eager+repa, eager+tread+repa (components combine)")
     ap.add_argument("--repa-net", default="vit_large_patch16_dinov3", help="REPA's teacher (a timm name) for +repa")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device bf16 dense peak, for MFU (H100 989, H200 989)")
     ap.add_argument("--calibration", help="write measured img/s per GPU per resolution here (JSON)")
@@ -115,10 +118,9 @@ def main(argv=None):
         torch.manual_seed(0)
         model = PixelDiT(ModelConfig(args.preset), args.text_dim, repa_dims=(1024, teacher.dim) if teacher else None,
                          tread_span=(1, depth - 2) if depth else None).to(device)
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+        opt = build_optimizer(model, OptimizerConfig(name="muon" if "muon" in names else "adamw"))  # lr 1e-4 each
         objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
-        net = torch.compile(model) if mode == "compile" else model
+        net = torch.compile(model) if mode.split("+")[0] == "compile" else model
         perceptual = None
         if {"lpips", "dino"} & set(names):  # the speedrun's perceptual losses (random frozen weights: same cost)
             from pixeldiff.perceptual import PerceptualLosses
