@@ -52,7 +52,7 @@ class XPrediction:
     def loss(self, model, x0, text, mask, generator: torch.Generator):
         """-> (loss, x0_hat, t). Random draws come from `generator` (on x0's device) so runs are reproducible."""
         B, _, H, W = x0.shape
-        t = self.sample_t(B, H, generator).to(x0.device)
+        t = self.sample_t(B, (H * W) ** 0.5, generator).to(x0.device)  # a non-square image: its side at equal area
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
         text, mask = self.drop_captions(text, mask.to(x0.device), generator)
         tb = t[:, None, None, None]
@@ -79,16 +79,19 @@ def sample(
 ) -> torch.Tensor:
     """Integrate from noise (t=1) to the image (t=0) on the shifted time grid. -> (B, 3, H, W) in [-1, 1].
 
+    `resolution`: the side of a square image, or (H, W); the time shift uses the side of the square of equal area.
+
     The starting noise is `noise` (B, 3, H, W) when given, else drawn from `generator`."""
     if method not in ("euler", "heun"):
         raise ValueError(f"sampler {method!r} is unknown; use 'euler' or 'heun'")
     B = text.shape[0]
     device = next(model.parameters()).device
-    x = (noise if noise is not None else torch.randn(B, 3, resolution, resolution, generator=generator)).to(device)
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution  # or (h, w)
+    x = (noise if noise is not None else torch.randn(B, 3, h, w, generator=generator)).to(device)
     text, mask = text.to(device), mask.to(device)
     null_t = objective.null_text.to(device).expand_as(text)
     null_m = objective.null_mask.to(device).expand_as(mask)
-    grid = shift_time(torch.linspace(1, 0, steps + 1), objective.shift(resolution)).tolist()
+    grid = shift_time(torch.linspace(1, 0, steps + 1), objective.shift((h * w) ** 0.5)).tolist()
 
     def velocity(x, t):
         tt = torch.full((B,), t, device=device)

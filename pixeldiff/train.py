@@ -35,6 +35,7 @@ from pixeldiff.model import PixelDiT
 from pixeldiff.objective import XPrediction
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
+from pixeldiff.presets import resolve_model_config
 from pixeldiff.process import (LOCK_WAIT_S, RunLocked, StopFlag, code_version, ignore_late_stop_signals, lock_run,
                                no_world_write)
 from pixeldiff.sample import shared_grid
@@ -82,7 +83,8 @@ class TrainState:
 def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> BatchSource:
     if m.data.source == "synthetic":
         return SyntheticSource(m.data.seed, env.rank, env.world_size)
-    return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda")
+    return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda",
+                       patch=resolve_model_config(m.model).patch_size)
 
 
 def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
