@@ -191,10 +191,15 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
         img = img.convert("RGB")
         w, h = img.size
         s = max(bw / w, bh / h)
-        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 1 else None)
-        left, top = (nw - bw) // 2, (nh - bh) // 2
-        img = img.crop((left, top, left + bw, top + bh))
+        if len(sizes) > 1:  # buckets: resample only the centre box that is kept (the same crop, less work)
+            cw, ch = bw / s, bh / s
+            box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+            img = img.resize((bw, bh), Image.BICUBIC, box=box, reducing_gap=3.0 if s < 1 else None)
+        else:
+            nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 1 else None)
+            left, top = (nw - bw) // 2, (nh - bh) // 2
+            img = img.crop((left, top, left + bw, top + bh))
     except Exception:  # noqa: BLE001 - anything PIL raises on bad bytes is a corrupt image
         return Bad("corrupt_image", key)
     if opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5:
