@@ -217,6 +217,11 @@ class DataConfig:
     block_size_mb: int = 8  # read size for remote shards
     shuffle_buffer: int = 1000  # samples per seeded shuffle window of each stream (0 or 1: shard order)
     caption_key: str = "txt"  # the caption's member: "txt", or "json:caption" (a field of the .json member)
+    # square: every image resized and centre-cropped to the stage's resolution; aspect: to the nearest of a fixed list
+    # of (h, w) buckets of about the stage's pixel area, sides multiples of the patch size, aspect up to max_aspect:1
+    # either way; every micro-batch is one bucket (docs/data.md)
+    buckets: Literal["square", "aspect"] = "square"
+    max_aspect: float = 2.0
     s3: S3Config = field(default_factory=S3Config)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -512,6 +517,12 @@ def validate(m: Manifest) -> None:
     _require("data.retry_backoff_s", d.retry_backoff_s, d.retry_backoff_s >= 0, ">= 0")
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer: must be >= 0 samples (0 or 1: no shuffle), got {d.shuffle_buffer}")
+    if d.buckets == "aspect" and d.source != "webdataset":
+        raise ConfigError("data.buckets: 'aspect' needs data.source 'webdataset' (the synthetic data is square); "
+                          "use buckets: square")
+    if not 1 <= d.max_aspect <= 8:
+        raise ConfigError(f"data.max_aspect: must be between 1 and 8 (the widest bucket's width / height), "
+                          f"got {d.max_aspect}")
     if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*(:[^:\s]+)?", d.caption_key):
         raise ConfigError(f"data.caption_key: {d.caption_key!r} is not a member extension or extension:field; "
                           f"use 'txt' (the .txt member) or 'json:caption' (the caption field of the .json member)")

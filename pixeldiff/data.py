@@ -79,13 +79,16 @@ class SyntheticShapes:
 
 
 def to_device(b: dict, encoder, device: torch.device):
-    """A batch as the model takes it: -> images (B, 3, H, W) in [-1, 1], text (B, L, D), mask (B, L), on `device`
-    (captions embedded by `encoder`)."""
+    """A batch as the model takes it: -> images (B, 3, H, W) in [-1, 1], text (B, L, D) float, mask (B, L), on
+    `device` (captions embedded by `encoder`; precomputed embeddings padded to L = the batch's `text_len`)."""
     images = b["image"].to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(127.5).sub_(1)
-    if "emb" in b:
-        return images, b["emb"].to(device, non_blocking=True), b["mask"].to(device, non_blocking=True)
+    if "emb" in b:  # precomputed: float16 (B, l, D) up to the batch's longest caption -> float (B, text_len, D)
+        emb, mask = b["emb"].to(device, non_blocking=True), b["mask"].to(device, non_blocking=True)
+        pad = b.get("text_len", emb.shape[1]) - emb.shape[1]
+        text = torch.nn.functional.pad(emb.float(), (0, 0, 0, pad))
+        return images, text, torch.nn.functional.pad(mask, (0, pad), value=False)
     text, mask = encoder.encode(b["caption"])
     return images, text.to(device), mask.to(device)
 

@@ -1,9 +1,10 @@
 """Sample grids from a model, and the `pixeldiff-sample` command.
 
     pixeldiff-sample CHECKPOINT_OR_RUN_DIR --prompt TEXT [--prompt ...] --out grid.png
-                     [--steps N] [--cfg S] [--seed N] [--sampler euler|heun]
+                     [--steps N] [--cfg S] [--seed N] [--sampler euler|heun] [--resolution PX | --size HxW]
 
-One row per prompt, `--per-prompt` images each, from the EMA weights by default.
+One row per prompt, `--per-prompt` images each, from the EMA weights by default; square images of the stage's
+resolution, or `--size HxW` (height x width, e.g. 384x672 for a landscape aspect bucket at 512 px).
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ def to_grid(images: torch.Tensor, rows: int, min_cell: int = 128) -> Image.Image
     return Image.fromarray(grid)
 
 
-def image_noise(seed: int, index: int, resolution: int) -> torch.Tensor:
-    """The starting noise of image `index` of a grid: its own generator, so a grid split over any number of ranks is
-    the same grid."""
-    return torch.randn(3, resolution, resolution, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+def hw(resolution) -> tuple[int, int]:
+    """A square side or an (h, w) pair -> (h, w)."""
+    return (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+
+
+def image_noise(seed: int, index: int, resolution) -> torch.Tensor:
+    """The starting noise of image `index` of a grid (resolution: a side, or (h, w)): its own generator, so a grid
+    split over any number of ranks is the same grid."""
+    return torch.randn(3, *hw(resolution), generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
 
 
 def image_routes(seed: int, indices: list[int], tokens: int, ratio: float):
@@ -52,15 +58,17 @@ def image_routes(seed: int, indices: list[int], tokens: int, ratio: float):
 
 def grid_part(model, objective, encoder, prompts, resolution, indices: list[int], per_prompt=4, steps=30,
               cfg_scale=4.0, seed=0, method="euler", guidance="cfg", tread_ratio=0.0) -> torch.Tensor:
-    """Images `indices` of the grid (image i: prompt i // per_prompt), as this rank's share. -> (len, 3, R, R) on
-    the CPU, float16 (empty for no indices). guidance 'self' (a TREAD model) routes `tread_ratio` of the tokens."""
+    """Images `indices` of the grid (image i: prompt i // per_prompt), as this rank's share; `resolution` a side or
+    (h, w). -> (len, 3, h, w) on the CPU, float16 (empty for no indices). guidance 'self' (a TREAD model) routes
+    `tread_ratio` of the tokens."""
     if not indices:
-        return torch.empty(0, 3, resolution, resolution, dtype=torch.float16)
+        return torch.empty(0, 3, *hw(resolution), dtype=torch.float16)
     text, mask = encoder.encode([prompts[i // per_prompt] for i in indices])
     noise = torch.stack([image_noise(seed, i, resolution) for i in indices])
     routes = None
     if guidance == "self":
-        routes = image_routes(seed, indices, (resolution // model.cfg.patch_size) ** 2, tread_ratio)
+        h, w = hw(resolution)
+        routes = image_routes(seed, indices, (h // model.cfg.patch_size) * (w // model.cfg.patch_size), tread_ratio)
     was_training = model.training
     model.eval()
     images = sample(model, objective, text, mask, resolution, steps=steps, cfg_scale=cfg_scale, method=method,
@@ -104,6 +112,30 @@ def render_grid(model, objective, encoder, prompts, resolution, out: Path, per_p
     return save_grid(images, prompts, out)
 
 
+def parse_size(args, patch: int):
+    """--size HxW or --resolution PX -> (h, w), a side, or None (the stage's); ConfigError naming the fix."""
+    from pixeldiff.config import ConfigError
+
+    if args.size is not None and args.resolution is not None:
+        raise ConfigError("give --size HxW or --resolution PX, not both")
+    if args.resolution is not None:
+        if args.resolution <= 0 or args.resolution % patch:
+            raise ConfigError(f"--resolution {args.resolution} is not a positive multiple of the patch size {patch}; "
+                              f"use e.g. {max(1, args.resolution // patch) * patch}")
+        return args.resolution
+    if args.size is None:
+        return None
+    parts = args.size.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"--size {args.size!r}: expected HEIGHTxWIDTH in pixels, e.g. 384x672")
+    h, w = (int(p) for p in parts)
+    if min(h, w) <= 0 or h % patch or w % patch:
+        fix = "x".join(str(max(1, round(v / patch)) * patch) for v in (h, w))
+        raise ConfigError(f"--size {args.size}: height and width must be positive multiples of the patch size "
+                          f"{patch}; use e.g. {fix}")
+    return (h, w)
+
+
 def main(argv=None) -> int:
     from pixeldiff import checkpoint
     from pixeldiff.config import ConfigError, load_resolved
@@ -122,7 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     ap.add_argument("--per-prompt", type=int, default=4)
-    ap.add_argument("--resolution", type=int, help="default: the resolution of the checkpoint's stage")
+    ap.add_argument("--resolution", type=int, help="square images of this side; default: the checkpoint's stage's")
+    ap.add_argument("--size", metavar="HxW", help="height x width in pixels, each a multiple of the patch size "
+                                                  "(e.g. 384x672); instead of --resolution")
     ap.add_argument("--weights", choices=["ema", "model"], default="ema")
     ap.add_argument("--guidance", choices=["cfg", "self"], help="default: the run's logging.sample_guidance; self "
                     "(routed vs dense prediction) needs a TREAD-trained model")
@@ -153,16 +187,15 @@ def main(argv=None) -> int:
                               "without TREAD (tread.ratio 0): use --guidance cfg")
         model = PixelDiT(m.model, m.data.text.dim, **model_options(m, training=False))
         model.load_state_dict({k: v for k, v in parts[args.weights].items() if not k.startswith("repa.")})
-        resolution = args.resolution or m.stages[parts["train_state"]["stage"]].resolution
-        if resolution % model.cfg.patch_size:
-            raise ConfigError(f"--resolution {resolution} is not a multiple of the patch size {model.cfg.patch_size}")
+        resolution = parse_size(args, model.cfg.patch_size) or m.stages[parts["train_state"]["stage"]].resolution
     except (ConfigError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = render_grid(model, XPrediction(m.objective, null_text, null_mask), encoder, args.prompt, resolution,
                       Path(args.out), per_prompt=args.per_prompt, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                       method=args.sampler, guidance=guidance, tread_ratio=m.tread.ratio)
-    print(f"wrote {out} ({len(args.prompt)} prompts x {args.per_prompt}, {resolution} px, step {parts['train_state']['step']}, {path})")
+    size = resolution if isinstance(resolution, int) else "x".join(map(str, resolution))
+    print(f"wrote {out} ({len(args.prompt)} prompts x {args.per_prompt}, {size} px, step {parts['train_state']['step']}, {path})")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import random
 import tarfile
 import time
@@ -37,6 +38,42 @@ class ReadOptions:
     text_len: int = 0  # > 0: precomputed embeddings are required and padded/truncated to this
     text_dim: int = 0
     caption_key: str = "txt"  # "txt", or "json:caption": a field of the .json member
+    buckets: tuple = ()  # (h, w) sizes (`bucket_sizes`); () = one square bucket of `resolution`
+
+    @property
+    def sizes(self) -> tuple:
+        return self.buckets or ((self.resolution, self.resolution),)
+
+
+MIN_BUCKET_AREA = 0.9  # a bucket keeps at least this fraction of the stage's pixel area
+
+
+def bucket_sizes(resolution: int, patch: int, max_aspect: float = 2.0) -> tuple[tuple[int, int], ...]:
+    """The aspect-ratio buckets of a stage: (h, w) sizes, each side a multiple of `patch`, of about the stage's pixel
+    area (between MIN_BUCKET_AREA and 1 times resolution^2, never more), aspect up to `max_aspect`:1 either way;
+    ordered from the tallest to the widest. For each height h (a multiple of the patch, up to the resolution) the
+    widest w that keeps the area and the aspect limit, and its transpose: 512 px, patch 32 gives 11 buckets from
+    352x704 through 512x512 to 704x352."""
+    area = resolution * resolution
+    out = set()
+    for h in range(patch, resolution + 1, patch):
+        w = min(area // h, int(max_aspect * h)) // patch * patch
+        if w >= h and h * w >= MIN_BUCKET_AREA * area:
+            out.update({(h, w), (w, h)})
+    return tuple(sorted(out, key=lambda s: s[1] / s[0]))
+
+
+def nearest_bucket(w: int, h: int, sizes) -> int:
+    """The index of the bucket whose aspect is nearest the image's, on a log scale (2:1 and 1:2 are as far from
+    1:1); the first of equals."""
+    a = math.log(w / h)
+    return min(range(len(sizes)), key=lambda i: abs(a - math.log(sizes[i][1] / sizes[i][0])))
+
+
+def kept_fraction(w: int, h: int, bw: int, bh: int) -> float:
+    """The fraction of a w x h image's pixels that a resize to cover bw x bh and a centre crop keeps."""
+    s = max(bw / w, bh / h)
+    return min(1.0, (bw * bh) / (w * h * s * s))
 
 
 class CountingReader:
@@ -127,7 +164,8 @@ def read_caption(parts: dict, caption_key: str) -> str | None:
 
 
 def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
-    """-> dict(image uint8 (3,R,R), caption, key[, emb, mask]) or Bad."""
+    """-> dict(image uint8 (3, h, w) of its bucket, bucket (its index), kept, kept_square (fractions of the image's
+    pixels the crop keeps, and a square crop would), caption, key[, emb (l, D) float16, mask (l,)]) or Bad."""
     if DUPLICATE in parts:
         return Bad("duplicate_member", key)
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
@@ -136,44 +174,55 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
     caption = read_caption(parts, opt.caption_key)
     if caption is None:
         return Bad("missing_caption", key)
-    R = opt.resolution
+    sizes = opt.sizes
     try:
         img = Image.open(io.BytesIO(parts[img_ext]))
         w, h = img.size
         if w * h > opt.max_pixels:
             return Bad("too_large", key)
-        if min(w, h) < R and opt.small_images == "skip":
+        b = nearest_bucket(w, h, sizes) if len(sizes) > 1 else 0
+        bh, bw = sizes[b]
+        s = max(bw / w, bh / h)  # resize to cover the bucket
+        if s > 1 and opt.small_images == "skip":
             return Bad("too_small", key)
+        kept, kept_square = kept_fraction(w, h, bw, bh), min(w, h) ** 2 / (w * h)
         if img.format == "JPEG":  # decode at a reduced size when the image is much larger than needed
-            scale = min(w, h) / R
-            img.draft("RGB", (max(R, int(w / scale)), max(R, int(h / scale))))
+            img.draft("RGB", (max(bw, int(w * s)), max(bh, int(h * s))))
         img = img.convert("RGB")
         w, h = img.size
-        s = R / min(w, h)
-        nw, nh = max(R, round(w * s)), max(R, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 1 else None)
-        left, top = (nw - R) // 2, (nh - R) // 2
-        img = img.crop((left, top, left + R, top + R))
+        s = max(bw / w, bh / h)
+        if len(sizes) > 1:  # buckets: resample only the centre box that is kept (the same crop, less work)
+            cw, ch = bw / s, bh / s
+            box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+            img = img.resize((bw, bh), Image.BICUBIC, box=box, reducing_gap=3.0 if s < 1 else None)
+        else:
+            nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+            img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0 if s < 1 else None)
+            left, top = (nw - bw) // 2, (nh - bh) // 2
+            img = img.crop((left, top, left + bw, top + bh))
     except Exception:  # noqa: BLE001 - anything PIL raises on bad bytes is a corrupt image
         return Bad("corrupt_image", key)
     if opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    out = {"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "caption": caption, "key": key}
+    out = {"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "caption": caption, "key": key,
+           "bucket": b, "kept": kept, "kept_square": kept_square}
     if opt.text_len:
         try:
             emb = np.load(io.BytesIO(parts["emb.npy"]), allow_pickle=False)
-            if emb.ndim != 2 or emb.shape[1] != opt.text_dim:
+            if emb.ndim != 2 or emb.shape[1] != opt.text_dim or emb.dtype.kind != "f":
                 raise ValueError(emb.shape)
             mask = np.load(io.BytesIO(parts["mask.npy"]), allow_pickle=False).astype(bool) if "mask.npy" in parts \
                 else np.ones(emb.shape[0], bool)
+            if mask.shape != emb.shape[:1]:
+                raise ValueError(mask.shape)
+            emb = emb[: opt.text_len].astype(np.float16, copy=False)  # float16 to the device, float there
+            if not np.isfinite(emb).all():
+                raise ValueError("not finite in float16")
         except Exception:  # noqa: BLE001 - missing or malformed embedding
             return Bad("bad_embedding", key)
-        L = opt.text_len
-        e = np.zeros((L, opt.text_dim), np.float32)
-        mk = np.zeros(L, bool)
-        n = min(L, emb.shape[0])
-        e[:n], mk[:n] = emb[:n], mask[:n]
-        out["emb"], out["mask"] = torch.from_numpy(e), torch.from_numpy(mk)
+        real = np.flatnonzero(mask[: opt.text_len])
+        n = int(real[-1]) + 1 if real.size else 0  # trailing padding is not sent: to_device pads to text_len
+        out["emb"], out["mask"] = torch.from_numpy(np.ascontiguousarray(emb[:n])), torch.from_numpy(mask[:n].copy())
     return out
 
 

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from pixeldiff.shardlist import DataError, check_protocols, shard_list
-from pixeldiff.shardread import BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, decode_sample, read_shard_raw
+from pixeldiff.shardread import (BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, bucket_sizes, decode_sample,
+                                 read_shard_raw)
 from pixeldiff.storage import storage_options
 
 
@@ -59,9 +60,10 @@ class Position:
     offset: int = 0  # key index in that shard where the current shuffle window starts
     remaining: list | None = None  # after a re-layout: this stream's explicit shard list for `epoch`
     taken: int = 0  # slots of the window starting at (next, offset) already consumed (good or bad)
+    pending: list | None = None  # aspect buckets: [shard, key index, epoch] of samples read but not yet batched
 
     def as_list(self) -> list:
-        return [self.epoch, self.next, self.offset, self.remaining, self.taken]
+        return [self.epoch, self.next, self.offset, self.remaining, self.taken, self.pending]
 
 
 def relayout(old: dict[int, list], old_streams: int, new_streams: int, n_shards: int, seed: int) -> dict[int, Position]:
@@ -79,6 +81,8 @@ def relayout(old: dict[int, list], old_streams: int, new_streams: int, n_shards:
             done.update(lst_e)  # this stream finished its whole list of epoch e
         elif p.epoch == e:
             done.update(lst[: p.next])
+    for p in pos.values():  # samples waiting in a bucket were never trained on: their shards are read again
+        done.difference_update(u for u, _, ep in (p.pending or []) if ep == e)
     left = [i for i in epoch_order(n_shards, seed, e) if i not in done]
     return {s: Position(e, 0, 0, left[s::new_streams]) for s in range(new_streams)}
 
@@ -110,6 +114,33 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.positions, self.micro, self.opt, self.storage_options = positions, micro, opt, storage_options
         self.window = max(1, window)
 
+    def _replay(self, pending: list, log) -> dict[int, list]:
+        """The bucket buffers a position left: its pending samples, read again from their shards (each shard scanned
+        from its start to the last one needed, undecoded) and decoded, each bucket in its recorded order."""
+        want: dict[int, set] = {}
+        for u, k, _ in pending:
+            want.setdefault(u, set()).add(k)
+        raw: dict = {}
+        for u, keys in want.items():
+            k = min(keys)
+            for item in read_shard_raw(self.urls[u], self.opt, k, self.storage_options, log):
+                if isinstance(item, Bad):
+                    continue  # counted when first read
+                if k in keys:
+                    raw[u, k] = item
+                k += 1
+                if k > max(keys):
+                    break
+        buffers: dict[int, list] = {}
+        for u, k, ep in pending:
+            if (u, k) not in raw:  # the shard changed or cannot be read now: that sample is lost, the rest kept
+                log(f"could not read again a sample waiting in a bucket ({self.urls[u]}, key {k})")
+                continue
+            item = decode_sample(*raw[u, k], self.opt, self.seed + ep)
+            if not isinstance(item, Bad):
+                buffers.setdefault(item["bucket"], []).append((item, [u, k, ep]))
+        return buffers
+
     def _keys(self, lst, pos: Position, counts: dict, quiet: list, log):
         """(shard index in `lst`, key index in that shard, url, key, parts) for the epoch's keys from `pos`'s window
         start; whole-shard problems are counted (unless quiet[0]: a restart reading a window whose problems the
@@ -139,7 +170,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         def log(msg):
             print(f"[data stream {stream}] {msg}", file=sys.stderr, flush=True)
 
-        buf = []
+        # one buffer per bucket: a batch is `micro` samples of one bucket, emitted when its buffer fills; the rest
+        # wait, and the position lists them (`pending`) so a restart reads them again
+        buffers: dict[int, list] = self._replay(pos.pending, log) if pos.pending else {}
         while True:
             resumed = bool(pos.next or pos.offset or pos.taken)  # a pass over a whole shard list without one good sample is fatal
             yielded, taken = 0, pos.taken
@@ -155,10 +188,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 first, start = window[0][0], window[0][1]
                 order = window_order(len(window), self.seed, pos.epoch, lst[first], start) if len(window) > 1 else [0]
                 for slot in range(taken, len(window)):
-                    _, _, url, key, parts = window[order[slot]]
+                    i, k, url, key, parts = window[order[slot]]
                     window[order[slot]] = None  # decoded once: let the bytes go
                     item = decode_sample(key, parts, self.opt, self.seed + pos.epoch)
-                    here = Position(pos.epoch, first, start, pos.remaining, slot + 1)
                     if isinstance(item, Bad):
                         counts[item.kind] += 1
                         if (item.kind, url) not in logged:
@@ -166,10 +198,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
                             log(f"skipping {item.kind} sample {item.key} in {url} (further ones in this shard counted silently)")
                         continue
                     yielded += 1
-                    buf.append(item)
+                    buf = buffers.setdefault(item["bucket"], [])
+                    buf.append((item, [lst[i], k, pos.epoch]))
                     if len(buf) == self.micro:
-                        yield collate(buf, stream, here, counts)
-                        buf = []
+                        del buffers[item["bucket"]]
+                        pending = [ref for b in sorted(buffers) for _, ref in buffers[b]] or None
+                        here = Position(pos.epoch, first, start, pos.remaining, slot + 1, pending)
+                        yield collate([it for it, _ in buf], stream, here, counts, self.opt)
                 taken = 0
             if yielded == 0 and lst and not resumed:
                 raise DataError(f"data stream {stream}: not one readable sample in {len(lst)} shard(s) "
@@ -178,18 +213,25 @@ class ShardDataset(torch.utils.data.IterableDataset):
             pos = Position(pos.epoch + 1, 0, 0, None)
 
 
-def collate(items: list[dict], stream: int, pos: Position, counts: dict) -> dict:
+def collate(items: list[dict], stream: int, pos: Position, counts: dict, opt: ReadOptions | None = None) -> dict:
+    """One micro-batch of one bucket. Embeddings (float16) are padded to the longest in the batch only; `to_device`
+    pads them to data.text.max_tokens (`text_len`) and makes them float on the device."""
     batch = {
-        "image": torch.stack([it["image"] for it in items]),  # (B, 3, R, R) uint8
+        "image": torch.stack([it["image"] for it in items]),  # (B, 3, h, w) uint8, one bucket
         "caption": [it["caption"] for it in items],
         "key": [it["key"] for it in items],
         "stream": stream,
         "position": pos.as_list(),
         "bad": dict(counts),
+        "kept": sum(it["kept"] for it in items),  # pixels kept by the bucket crop, summed over the batch
+        "kept_square": sum(it["kept_square"] for it in items),  # ... and by a square crop
     }
     if "emb" in items[0]:
-        batch["emb"] = torch.stack([it["emb"] for it in items])
-        batch["mask"] = torch.stack([it["mask"] for it in items])
+        B, D, n = len(items), items[0]["emb"].shape[1], max(it["emb"].shape[0] for it in items)
+        emb, mask = torch.zeros(B, n, D, dtype=torch.float16), torch.zeros(B, n, dtype=torch.bool)
+        for j, it in enumerate(items):
+            emb[j, : len(it["emb"])], mask[j, : len(it["mask"])] = it["emb"], it["mask"]
+        batch["emb"], batch["mask"], batch["text_len"] = emb, mask, opt.text_len if opt else n
     return batch
 
 
@@ -198,8 +240,9 @@ def merge_data_states(states: list[dict], own: dict, same_world: bool, rank: int
     (so a different layout can be dealt fairly), and this rank's counts (rank 0 takes all of them
     when the number of ranks changed)."""
     positions: dict = {}
-    for st in states:
-        positions.update(st["positions"])
+    for r, st in enumerate(states):  # each rank's own streams (a rank's state also lists the others', never advanced)
+        per_rank = max(1, st["n_streams"] // len(states))
+        positions.update({s: p for s, p in st["positions"].items() if int(s) // per_rank == r})
     out = {**own, "positions": positions}
     if not same_world:
         bad: dict = {}
@@ -208,6 +251,12 @@ def merge_data_states(states: list[dict], own: dict, same_world: bool, rank: int
                 bad[k] = bad.get(k, 0) + v
         out["bad"] = bad if rank == 0 else {}
         out["samples"] = sum(st.get("samples", 0) for st in states) if rank == 0 else 0
+        buckets: dict = {}
+        for st in states:
+            for k, v in st.get("buckets", {}).items():
+                buckets[k] = buckets.get(k, 0) + v
+        out["buckets"] = buckets if rank == 0 else {}
+        out["kept"] = [sum(st.get("kept", [0.0, 0.0])[i] for st in states) for i in (0, 1)] if rank == 0 else [0.0, 0.0]
     return out
 
 
@@ -225,8 +274,9 @@ def ignore_stop_signals(worker_id: int) -> None:
 class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 
-    def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False):
+    def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False, patch: int = 1):
         self.cfg, self.text_cfg, self.rank, self.world = data_cfg, text_cfg, rank, world
+        self.patch = patch  # bucket sides are multiples of the model's patch size
         self.workers = data_cfg.workers
         self.storage_options = storage_options(data_cfg.s3)
         self.urls = shard_list(data_cfg.shards, self.storage_options)
@@ -240,6 +290,8 @@ class ShardSource:
         self.bad_base: dict = dict.fromkeys(BAD_KINDS, 0)  # counts restored from the checkpoint
         self.bad_live: dict = {}  # stream -> cumulative counts of this job's workers
         self.samples = 0
+        self.buckets: dict[str, int] = {}  # "HxW" -> samples consumed from that bucket (this rank, the whole run)
+        self.kept = [0.0, 0.0]  # sums over consumed samples: fraction of pixels kept by the bucket crop, by a square one
         self.batches_seen = 0  # batches consumed: the DataLoader deals them round-robin over the streams
         self.pin_memory = pin_memory
         self._loader = None
@@ -247,7 +299,8 @@ class ShardSource:
     # positions of this rank's streams
     def state_dict(self) -> dict:
         return {"n_streams": self.n_streams, "positions": {s: p.as_list() for s, p in self.positions.items()},
-                "bad": self.bad_samples(), "samples": self.samples, "batches": self.batches_seen}
+                "bad": self.bad_samples(), "samples": self.samples, "batches": self.batches_seen,
+                "buckets": dict(self.buckets), "kept": list(self.kept)}
 
     def load_state_dict(self, state: dict, every_rank: list[dict] | None = None) -> None:
         """`state`: this rank's saved state; `every_rank`: all ranks' (their streams' positions, and the counts rank
@@ -259,6 +312,7 @@ class ShardSource:
         self.positions = {s: new[s] for s in self.positions}
         self.bad_base = {**self.bad_base, **state.get("bad", {})}
         self.samples = state.get("samples", 0)
+        self.buckets, self.kept = dict(state.get("buckets", {})), list(state.get("kept", [0.0, 0.0]))
         self.batches_seen = state.get("batches", 0) if state["n_streams"] == self.n_streams else 0
 
     def bad_samples(self) -> dict:
@@ -277,7 +331,12 @@ class ShardSource:
                 f"{self.cfg.max_bad_fraction:g}): {self.bad_samples()}; check the shards named in the log")
 
     def stats(self) -> dict:
-        return {"bad_samples": self.bad_samples()}
+        """For metrics.jsonl: bad-sample counts; samples per bucket ("HxW", this rank's, cumulative); and the mean
+        fraction of each image's pixels the crops threw away: `bucket` (the crop done) and `square` (what a square
+        centre crop of the same images would have thrown away)."""
+        n = sum(self.buckets.values())
+        waste = {"bucket": round(1 - self.kept[0] / n, 4), "square": round(1 - self.kept[1] / n, 4)} if n else {}
+        return {"bad_samples": self.bad_samples(), "buckets": dict(self.buckets), "crop_waste": waste}
 
     def close(self) -> None:
         if self._loader is not None:
@@ -296,7 +355,8 @@ class ShardSource:
         opt = ReadOptions(resolution=resolution, flip=c.flip, small_images=c.small_images, max_pixels=c.max_pixels,
                           retries=c.retries, backoff_s=c.retry_backoff_s, block_size=c.block_size_mb << 20,
                           text_len=self.text_cfg.max_tokens if self.text_cfg.encoder == "precomputed" else 0,
-                          text_dim=self.text_cfg.dim, caption_key=c.caption_key)
+                          text_dim=self.text_cfg.dim, caption_key=c.caption_key,
+                          buckets=bucket_sizes(resolution, self.patch, c.max_aspect) if c.buckets == "aspect" else ())
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
                           self.storage_options, rotate=self.batches_seen % max(1, self.workers),
                           window=c.shuffle_buffer)
@@ -316,6 +376,9 @@ class ShardSource:
             self.positions[s] = Position(*batch["position"])
             self.bad_live[s] = batch["bad"]
             self.samples += len(batch["key"])
+            name = "x".join(map(str, batch["image"].shape[-2:]))
+            self.buckets[name] = self.buckets.get(name, 0) + len(batch["key"])
+            self.kept = [self.kept[0] + batch["kept"], self.kept[1] + batch["kept_square"]]
             self.batches_seen += 1
             self.check_bad_fraction()
             yield batch

@@ -87,7 +87,8 @@ class TrainState:
 def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> BatchSource:
     if m.data.source == "synthetic":
         return SyntheticSource(m.data.seed, env.rank, env.world_size)
-    return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda")
+    return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda",
+                       patch=resolve_model_config(m.model).patch_size)
 
 
 def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:

@@ -170,14 +170,16 @@ TEACHER = "vit_tiny_patch16_dinov3_qkvb"  # a small DINOv3 for the CPU; random i
 
 
 def recipe_sections(**extra):
-    """TREAD on, REPA on in the first stage only (the speedrun's shape), self-guided grids."""
+    """TREAD on, REPA on in the first stage only (the speedrun's shape), Muon for the blocks, self-guided grids."""
     stages = [{"name": "16px", "resolution": 16, "global_batch": 8, "micro_batch": 4, "steps": extra.pop("s1", 30)},
               {"name": "32px", "resolution": 32, "global_batch": 8, "micro_batch": 4, "steps": extra.pop("s2", 10),
                "repa": False}]
     return {"stages": stages, "model": {"preset": "test", "depth": 4},
             "tread": {"ratio": 0.5, "start_block": 1, "end_block": -2},
             "losses": {"repa": {"weight": 0.5, "block": 1, "projector_dim": 32, "net": TEACHER}},
-            "logging": {"sample_guidance": "self", "sample_steps": 2}, **extra}
+            "logging": {"sample_guidance": "self", "sample_steps": 2},
+            "optimizer": {"name": "muon", "muon_lr": 1e-3, "lr": 1e-3, "warmup_steps": 5, "grad_clip": 1.0,
+                          "ema_decay": 0.9}, **extra}
 
 
 def test_a_run_with_tread_and_repa_trains_aligns_and_samples(write_manifest, tmp_path, capsys):

@@ -245,3 +245,152 @@ def test_shuffled_two_ranks_resumed_on_one_see_every_sample_of_the_epoch(tmp_pat
     assert set(head) | set(tail) == set(keys), "a sample of the epoch was skipped"
     assert len(tail) == len(set(tail))  # within the resumed epoch, once each
     assert len(set(head) & set(tail)) <= 4 * 2 * 6  # replays only from the 4 old streams' current windows' shards
+
+
+# ------------------------------------------------------------------ aspect-ratio buckets
+
+ASPECT_SIZES = [(80, 40), (48, 48), (40, 80), (64, 48), (48, 64), (60, 40), (36, 72)]  # (w, h) of the stored images
+
+
+def write_aspect_shards(root, n_shards, per_shard, sizes=ASPECT_SIZES):
+    """Shards of images of mixed aspects; -> {key: (w, h)}."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for s in range(n_shards):
+        members = []
+        for i in range(per_shard):
+            key, size = f"s{s:03d}_{i:03d}", sizes[(s * per_shard + i) % len(sizes)]
+            out[key] = size
+            members += [(f"{key}.jpg", image_bytes(s * per_shard + i, size=size)), (f"{key}.txt", f"sample {key}".encode())]
+        write_tar(root / f"train-{s:03d}.tar", members)
+    return out
+
+
+def expected_bucket(w, h, sizes):
+    import math
+    return min(sizes, key=lambda b: abs(math.log(w / h) - math.log(b[1] / b[0])))
+
+
+def test_bucket_sizes_at_the_stage_area_multiples_of_the_patch():
+    from pixeldiff.shardread import bucket_sizes
+
+    b512 = bucket_sizes(512, 32)
+    assert b512[0] == (704, 352) and b512[-1] == (352, 704) and (512, 512) in b512 and len(b512) == 11  # 1:2 .. 2:1
+    for res, patch, aspect in ((512, 32, 2.0), (1024, 32, 2.0), (64, 8, 2.0), (512, 16, 3.0)):
+        sizes = bucket_sizes(res, patch, aspect)
+        assert len(set(sizes)) == len(sizes) and (res, res) in sizes
+        assert sizes == tuple(sorted(sizes, key=lambda s: s[1] / s[0]))
+        for h, w in sizes:
+            assert h % patch == 0 and w % patch == 0 and (w, h) in sizes
+            assert 0.9 * res * res <= h * w <= res * res and max(h, w) / min(h, w) <= aspect
+
+
+def test_aspect_buckets_one_bucket_per_batch_every_sample_once_and_crop_stats(tmp_path):
+    from pixeldiff.shardread import bucket_sizes, kept_fraction
+
+    sizes = write_aspect_shards(tmp_path, n_shards=4, per_shard=7)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    buckets = bucket_sizes(32, 8)
+    assert buckets == ((40, 24), (32, 32), (24, 40))
+    src = source(pattern, workers=2, shuffle_buffer=5, buckets="aspect")
+    src.patch = 8
+    it = src.batches(32, 3)
+    batches = list(itertools.islice(it, 12))
+    it.close()
+    seen = []
+    for b in batches:
+        shape = tuple(b["image"].shape[-2:])
+        assert shape in buckets and b["image"].shape[0] == 3
+        for k in b["key"]:  # each image went to the bucket nearest its aspect
+            assert expected_bucket(*sizes[k], buckets) == shape, (k, sizes[k], shape)
+        seen += b["key"]
+    assert len({tuple(b["image"].shape[-2:]) for b in batches}) == 3  # all three buckets were used
+    epoch = len(sizes)
+    assert len(seen) == 36 and len(set(seen[: epoch - 3 * 2 * 3])) == epoch - 18  # no key twice in an epoch's start
+    stats = src.stats()
+    assert sum(stats["buckets"].values()) == 36 and set(stats["buckets"]) == {"40x24", "32x32", "24x40"}
+    counts = {}
+    for k in seen:
+        h, w = expected_bucket(*sizes[k], buckets)
+        counts[f"{h}x{w}"] = counts.get(f"{h}x{w}", 0) + 1
+    assert stats["buckets"] == counts
+    # the waste of square cropping avoided, measured on these mixed aspects (1:2 to 2:1)
+    bucket_waste = sum(1 - kept_fraction(*sizes[k], *expected_bucket(*sizes[k], buckets)[::-1]) for k in seen) / 36
+    square_waste = sum(1 - min(sizes[k]) ** 2 / (sizes[k][0] * sizes[k][1]) for k in seen) / 36
+    assert stats["crop_waste"] == {"bucket": round(bucket_waste, 4), "square": round(square_waste, 4)}
+    assert stats["crop_waste"]["bucket"] < 0.5 * stats["crop_waste"]["square"]
+    print(f"crop waste on mixed aspects: square {square_waste:.1%}, buckets {bucket_waste:.1%}")
+
+    square = source(pattern, workers=2, shuffle_buffer=5)  # today's behaviour: all square, one bucket
+    b = next(square.batches(32, 3))
+    assert b["image"].shape == (3, 3, 32, 32)
+    assert take_keys(source(pattern, workers=2, shuffle_buffer=5, buckets="aspect"), 4, res=32, micro=3) != \
+        take_keys(source(pattern, workers=2, shuffle_buffer=5), 4, res=32, micro=3)
+
+
+def bucket_source(pattern, **kw):
+    src = source(pattern, buckets="aspect", **kw)
+    src.patch = 8
+    return src
+
+
+def test_aspect_buckets_resume_exactly(tmp_path):
+    write_aspect_shards(tmp_path, n_shards=4, per_shard=7)
+    pattern = str(tmp_path / "train-{000..003}.tar")
+    whole_src = bucket_source(pattern, workers=2, shuffle_buffer=5)
+    it = whole_src.batches(32, 3)
+    whole = [(b["key"], tuple(b["image"].shape)) for b in itertools.islice(it, 24)]  # about 2.5 epochs
+    it.close()
+    assert bucket_source(pattern, workers=2, shuffle_buffer=5) is not None
+    pendings = 0
+    for cut in (1, 4, 9, 13):
+        first = bucket_source(pattern, workers=2, shuffle_buffer=5)
+        it = first.batches(32, 3)
+        head = [(b["key"], tuple(b["image"].shape)) for b in itertools.islice(it, cut)]
+        it.close()
+        state = first.state_dict()
+        pendings += sum(bool(p[5]) for p in state["positions"].values())
+        second = bucket_source(pattern, workers=2, shuffle_buffer=5)
+        second.load_state_dict(state)
+        it = second.batches(32, 3)
+        tail = [(b["key"], tuple(b["image"].shape)) for b in itertools.islice(it, 24 - cut)]
+        it.close()
+        assert head + tail == whole, f"resume after {cut} batches"
+        assert second.stats()["buckets"] == whole_src.stats()["buckets"]  # counts carried across the restart
+    assert pendings >= 4, "the test must stop with samples waiting in buckets"
+
+
+def test_aspect_buckets_two_ranks_resumed_on_one_skip_nothing(tmp_path):
+    rare = [(48, 48), (80, 40), (48, 48), (64, 48), (48, 48), (80, 40), (36, 72), (48, 48), (60, 40), (48, 48), (80, 40)]
+    sizes = write_aspect_shards(tmp_path, n_shards=8, per_shard=6, sizes=rare)  # 1:2 images are rare: they wait long
+    pattern = str(tmp_path / "train-{000..007}.tar")
+    ranks = [bucket_source(pattern, workers=2, world=2, rank=r, shuffle_buffer=4) for r in range(2)]
+    head = [k for src in ranks for k in take_keys(src, 8, res=32, micro=2)]
+    states = [src.state_dict() for src in ranks]
+    # the case that matters: a sample waits in a bucket from a shard its stream has finished
+    old = [(s, p) for r, st in enumerate(states) for s, p in st["positions"].items() if s // 2 == r]
+    assert any(u in stream_shards(8, 0, 0, s, 4)[: p[1]] for s, p in old for u, _, _ in p[5] or [])
+    one = bucket_source(pattern, workers=2, world=1, rank=0, shuffle_buffer=4)
+    one.load_state_dict(states[0], every_rank=states)
+    assert all(p.pending is None for p in one.positions.values())  # their shards are read again instead
+    # read until both streams are in the next epoch; count the epoch's samples consumed and those still waiting
+    name = lambda ref: f"s{ref[0]:03d}_{ref[1]:03d}"  # noqa: E731 - shard u, key k (no bad samples here)
+    waiting, later, tail, done = {0: set(), 1: set()}, set(), [], set()
+    it = one.batches(32, 2)
+    for b in it:
+        s, pos = b["stream"], b["position"]
+        if pos[0] == 0 or s not in done:  # the epoch's batches, and each stream's first of the next (whose samples
+            tail += b["key"]              # read last in the epoch may share it with the next epoch's first ones)
+        else:  # later: the epoch's samples that were left waiting
+            tail += [k for k in b["key"] if k in waiting[s]]
+        done.update([s] if pos[0] >= 1 else [])
+        waiting[s] = {name(r) for r in pos[5] or [] if r[2] == 0}
+        later.update(b["key"])
+        if all(one.positions[x].epoch >= 1 for x in waiting):
+            break
+    assert set(head) | set(tail) | waiting[0] | waiting[1] == set(sizes), "a sample of the epoch was skipped"
+    assert len(tail) <= len(set(tail)) + 2 * 2  # within the resumed epoch once each (but the first batches of the next)
+    for b in itertools.islice(it, 30):  # the samples left waiting come out in later batches
+        later.update(b["key"])
+    it.close()
+    assert waiting[0] | waiting[1] <= later

@@ -95,9 +95,17 @@ def samples_of(members: list[tuple[str, bytes]]) -> list[tuple[str, dict[str, by
     return out
 
 
+def packing_order(src: Path, expected, seed: int | None = 0) -> list[str]:
+    """The packed inputs in the tool's order: shuffled with `seed` (the default 0), or sorted (None)."""
+    if seed is None:
+        return sorted(expected)
+    tool = load_tool("make_shards")
+    return [e.rel for e in tool.shuffled(tool.scan_folder(src), seed) if e.rel in expected]
+
+
 def check_shards(shards: list[bytes], dataset, resize: int | None, max_samples: int) -> None:
     src, expected = dataset
-    order = sorted(expected)  # the tool packs in sorted path order
+    order = packing_order(src, expected)
     got = []
     for s, data in enumerate(shards):
         samples = samples_of(read_shard(data))
@@ -152,7 +160,7 @@ def test_make_shards_folder_resize_and_counts(dataset, tmp_path):
     assert state["complete"] is True and state["inputs"] == 30
     assert [r["samples"] for r in state["shards"]] == [8, 8, 8, 4]
     assert [r["bytes"] for r in state["shards"]] == [f.stat().st_size for f in files]
-    assert [rel for r in state["shards"] for rel in r["files"]] == sorted(dataset[1])
+    assert [rel for r in state["shards"] for rel in r["files"]] == packing_order(*dataset)
     assert [s[0] for r in state["shards"] for s in r["skipped"]["unreadable"]] == ["broken.jpg"]
     assert [s[0] for r in state["shards"] for s in r["skipped"]["no_caption"]] == ["uncaptioned.png"]
     assert not list(tmp_path.rglob("*.partial"))
@@ -236,7 +244,7 @@ def test_make_shards_captions_files(dataset, tmp_path):
     outputs = []
     for caps in (csv_path, jsonl_path):
         prefix = tmp_path / caps.suffix[1:] / "train"
-        proc = ok(run_tool(MAKE, src, prefix, "--captions", caps, "--max-samples", 4, "--quiet"))
+        proc = ok(run_tool(MAKE, src, prefix, "--captions", caps, "--max-samples", 4, "--quiet", "--no-shuffle"))
         assert "skipped listed files that do not exist: 1" in proc.stdout
         assert "skipped unreadable images: 1" in proc.stdout
         assert "skipped images without a caption: 1" in proc.stdout
@@ -245,6 +253,33 @@ def test_make_shards_captions_files(dataset, tmp_path):
         assert [m["txt"].decode() for m in samples] == [f"caption, with \"quotes\" for {rel}" for rel in rels]
         outputs.append(shards)
     assert outputs[0] == outputs[1]  # CSV and JSONL with the same content give the same shards
+
+
+def test_make_shards_shuffles_with_a_seed_a_pure_function_of_the_sorted_inputs(dataset, tmp_path):
+    src, expected = dataset
+    orders = {}
+    for name, extra in (("seed0", ()), ("seed1", ("--seed", 1)), ("sorted", ("--no-shuffle",))):
+        prefix = tmp_path / name / "train"
+        ok(run_tool(MAKE, src, prefix, "--max-samples", 8, "--quiet", "--workers", 0, *extra))
+        state = json.loads(prefix.with_name("train.progress.json").read_text())
+        orders[name] = [rel for r in state["shards"] for rel in r["files"]]
+    assert orders["sorted"] == sorted(expected)
+    assert sorted(orders["seed0"]) == sorted(orders["seed1"]) == sorted(expected)
+    assert len({tuple(o) for o in orders.values()}) == 3  # three different orders
+    assert orders["seed0"] == packing_order(src, expected, 0) and orders["seed1"] == packing_order(src, expected, 1)
+
+    # the same files created in another order (another directory listing): the same order, the same bytes
+    copy = tmp_path / "copy"
+    for rel in sorted((p.relative_to(src) for p in src.rglob("*") if p.is_file()), key=str, reverse=True):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / rel, copy / rel)
+    prefix = tmp_path / "copied" / "train"
+    ok(run_tool(MAKE, copy, prefix, "--max-samples", 8, "--quiet", "--workers", 0))
+    assert [f.read_bytes() for f in local_shards(prefix)] == [f.read_bytes() for f in local_shards(tmp_path / "seed0" / "train")]
+
+    # a resume with another seed is refused: the recorded shards hold another order
+    proc = run_tool(MAKE, src, tmp_path / "seed0" / "train", "--max-samples", 8, "--quiet", "--seed", 5)
+    assert proc.returncode == 2 and "seed" in proc.stderr and "--restart" in proc.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -314,7 +349,7 @@ def test_make_shards_to_s3_resumes_and_matches_local(dataset, tmp_path, s3_endpo
 @pytest.fixture(scope="module")
 def small_shards(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "train"
-    ok(run_tool(MAKE, dataset[0], out, "--max-samples", 8, "--resize", RESIZE, "--quiet"))
+    ok(run_tool(MAKE, dataset[0], out, "--max-samples", 8, "--resize", RESIZE, "--quiet", "--no-shuffle"))  # shard 0: the short captions
     return out, local_shards(out)
 
 
@@ -336,13 +371,12 @@ def check_embedded(original: bytes, embedded: bytes, dim: int, max_tokens: int, 
         emb = np.load(io.BytesIO(new["emb.npy"]), allow_pickle=False)
         mask = np.load(io.BytesIO(new["mask.npy"]), allow_pickle=False)
         caption = old["txt"].decode()
-        assert emb.shape == (max_tokens, dim) and emb.dtype == dtype
-        assert mask.shape == (max_tokens,) and mask.dtype == np.bool_
         n = min(word_count(caption), max_tokens)
-        assert mask.tolist() == [True] * n + [False] * (max_tokens - n)
+        assert emb.shape == (n, dim) and emb.dtype == dtype  # trimmed to the real tokens on disk
+        assert mask.shape == (n,) and mask.dtype == np.bool_ and mask.all()
         ref_emb, ref_mask = enc.encode([caption])
-        np.testing.assert_array_equal(emb, ref_emb[0].numpy().astype(dtype))
-        assert not np.any(emb[~mask])
+        np.testing.assert_array_equal(emb, ref_emb[0, :n].numpy().astype(dtype))
+        assert not ref_mask[0, n:].any()  # what was trimmed was padding
     return len(after)
 
 
@@ -483,9 +517,9 @@ def test_embed_captions_hf_with_a_stand_in_transformers(small_shards, tmp_path):
         words = words[:L]
         emb = np.load(io.BytesIO(new["emb.npy"]))
         mask = np.load(io.BytesIO(new["mask.npy"]))
-        assert emb.shape == (L, 12) and emb.dtype == np.float16
-        assert mask.tolist() == [True] * len(words) + [False] * (L - len(words))
-        want = np.full((L, 12), 0.5, dtype=np.float32)
+        assert emb.shape == (len(words), 12) and emb.dtype == np.float16  # trimmed: no padding on disk
+        assert mask.tolist() == [True] * len(words)
+        want = np.full((len(words), 12), 0.5, dtype=np.float32)
         for t, w in enumerate(words):
             want[t] += len(w) * np.arange(1, 13)
         np.testing.assert_array_equal(emb, want.astype(np.float16))

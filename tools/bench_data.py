@@ -1,6 +1,7 @@
 """Benchmark the shard pipeline against decode-only, from local disk and from S3.
 
-    python tools/bench_data.py [--images 512] [--size 768x640] [--res 512] [--workers 1] [--shuffle-buffer 1000] [--s3]
+    python tools/bench_data.py [--images 512] [--size 768x640 | --mixed] [--res 512] [--workers 1]
+                               [--shuffle-buffer 1000] [--s3] [--embeddings 256x2304]
 
 Writes JPEG shards of random-texture images to a temporary directory, then prints
 samples/s per worker for:
@@ -11,9 +12,17 @@ samples/s per worker for:
   local+shuffle the same with --shuffle-buffer windows, over two epochs so that whole windows (filled,
                 then decoded in their seeded order) are inside the timing; its ratio to `local`, same run,
                 is the cost of the shuffle;
+  local+buckets `local` with data.buckets aspect (patch 32): each image to its aspect bucket, one bucket
+                per micro-batch; its ratio to `local` is the cost of the buckets (use --mixed: images of
+                five aspects from 1:1.75 to 1.75:1 at about the same pixel count);
   s3            the same shards uploaded to a moto S3 server on 127.0.0.1 (with --s3;
                 needs moto[server] and s3fs).
 and each pipeline row's ratio to decode-only, measured in the same run.
+
+--embeddings LxD instead measures the bytes of one micro-batch of precomputed caption embeddings through the
+DataLoader worker queue (the batch's tensors, which the worker writes into shared memory): as sent now (float16,
+trimmed to the batch's longest caption; captions of 20 to 120 real tokens) and as the trainer takes it on the
+device (float32, padded to L tokens), which is what crossed the queue before.
 """
 
 from __future__ import annotations
@@ -78,10 +87,11 @@ def decode_only(images: list[bytes], res: int, repeats: int = 2) -> float:
     return best
 
 
-def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None, shuffle: int = 0) -> float:
+def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None, shuffle: int = 0,
+             buckets: str = "square") -> float:
     cfg = DataConfig(source="webdataset", shards=shards, workers=workers, prefetch=4, s3=s3 or S3Config(),
-                     shuffle_buffer=shuffle)
-    src = ShardSource(cfg, TextConfig())
+                     shuffle_buffer=shuffle, buckets=buckets)
+    src = ShardSource(cfg, TextConfig(), patch=32)
     micro = 16
     it = src.batches(res, micro)
     next(it)  # start-up (worker processes, first shard) is not throughput
@@ -90,6 +100,45 @@ def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None,
     dt = time.perf_counter() - t0
     it.close()
     return got / dt / max(1, workers)
+
+
+MIXED = [(768, 640), (640, 768), (896, 512), (512, 896), (704, 704)]
+
+
+def embedding_bytes(L: int, D: int, micro: int = 16) -> None:
+    import torch
+
+    from pixeldiff.data import to_device
+
+    rng = np.random.default_rng(0)
+    img = make_images(1, (64, 64))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "emb-0000.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(4 * micro):
+                n = int(rng.integers(20, 121))  # real tokens: stored trimmed, as tools/embed_captions.py writes them
+                buf = io.BytesIO()
+                np.save(buf, rng.standard_normal((n, D)).astype(np.float16))
+                for name, payload in ((f"{i:06d}.jpg", img), (f"{i:06d}.txt", b"x"), (f"{i:06d}.emb.npy", buf.getvalue())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        cfg = DataConfig(source="webdataset", shards=[str(path)], workers=1, prefetch=2, shuffle_buffer=0)
+        src = ShardSource(cfg, TextConfig(encoder="precomputed", max_tokens=L, dim=D))
+        it = src.batches(64, micro)
+        sent, device = [], []
+        for b in itertools.islice(it, 4):
+            sent.append(sum(b[k].numel() * b[k].element_size() for k in ("emb", "mask")))
+            _, text, mask = to_device(b, None, torch.device("cpu"))
+            device.append(text.numel() * text.element_size() + mask.numel() * mask.element_size())
+        it.close()
+    now, before = sum(sent) / len(sent), sum(device) / len(device)
+    print(f"caption embeddings {L}x{D}, micro-batch {micro}, 20-120 real tokens per caption")
+    print(f"{'through the worker queue':<34}{'MB per micro-batch':>20}{'per sample':>12}")
+    print("-" * 66)
+    print(f"{'before: float32, padded to ' + str(L):<34}{before / 1e6:>20.2f}{before / micro / 1e6:>11.2f}M")
+    print(f"{'now: float16, trimmed':<34}{now / 1e6:>20.2f}{now / micro / 1e6:>11.2f}M")
+    print(f"ratio now / before: {now / before:.1%}")
 
 
 def main(argv=None):
@@ -101,12 +150,21 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shuffle-buffer", type=int, default=1000, help="data.shuffle_buffer of the local+shuffle row")
     ap.add_argument("--s3", action="store_true", help="also read through a moto S3 server on 127.0.0.1")
+    ap.add_argument("--mixed", action="store_true", help="images of five aspects (768x640, 640x768, 896x512, "
+                                                          "512x896, 704x704) instead of --size")
+    ap.add_argument("--embeddings", metavar="LxD", help="measure the bytes of embedding batches instead")
     args = ap.parse_args(argv)
+    if args.embeddings:
+        return embedding_bytes(*(int(v) for v in args.embeddings.split("x")))
     w, h = (int(v) for v in args.size.split("x"))
 
-    images = make_images(args.images, (w, h))
+    if args.mixed:  # the aspects interleaved, as in a real shard
+        per = [make_images(-(-args.images // len(MIXED)), size) for size in MIXED]
+        images = [per[j % len(MIXED)][j // len(MIXED)] for j in range(args.images)]
+    else:
+        images = make_images(args.images, (w, h))
     mb = sum(map(len, images)) / 2**20
-    print(f"{args.images} JPEGs {w}x{h} ({mb:.1f} MiB), crop {args.res}, {args.workers} worker(s), "
+    print(f"{args.images} JPEGs {'of mixed aspects' if args.mixed else f'{w}x{h}'} ({mb:.1f} MiB), crop {args.res}, {args.workers} worker(s), "
           f"{os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +174,7 @@ def main(argv=None):
         local = [str(p) for p in paths]
         rows.append(("local", pipeline(local, 2 * args.images, args.res, args.workers)))
         rows.append(("local+shuffle", pipeline(local, 2 * args.images, args.res, args.workers, shuffle=args.shuffle_buffer)))
+        rows.append(("local+buckets", pipeline(local, 2 * args.images, args.res, args.workers, buckets="aspect")))
         if args.s3:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from s3server import DUMMY_ENV, create_bucket, s3_client, start_moto

@@ -9,8 +9,10 @@
 SHARDS are local paths or URLs (s3://... through fsspec/s3fs), with brace patterns
 (`{000000..000009}`, `{a,b}`) expanded here, as in `data.shards`. Every sample's `txt`
 caption is encoded and stored next to its other members as
-    <key>.emb.npy   np.save of (max_tokens, dim), float16 (or --dtype float32)
-    <key>.mask.npy  np.save of (max_tokens,) bool, True for real tokens
+    <key>.emb.npy   np.save of (n, dim), float16 (or --dtype float32)
+    <key>.mask.npy  np.save of (n,) bool, True for real tokens
+where n <= max_tokens is the caption's real length (up to its last real token): the padding
+is not stored, the trainer pads to data.text.max_tokens on the GPU.
 replacing embeddings already there; all other members are copied unchanged, in order.
 A sample without a caption gets the embedding of the empty caption (mask all False) and
 is counted in the summary.
@@ -295,7 +297,9 @@ def embed_shard(src: str, dst: str, encoder, args, stats: Stats) -> None:
                     tout.addfile(info, io.BytesIO(data) if data is not None else None)
                 if key is None:
                     continue
-                for ext, arr in (("emb.npy", cast[row]), ("mask.npy", mask[row].astype(bool))):
+                real = np.flatnonzero(mask[row])
+                n = int(real[-1]) + 1 if real.size else 0  # trimmed to the real tokens: no padding on disk
+                for ext, arr in (("emb.npy", cast[row, :n]), ("mask.npy", mask[row, :n].astype(bool))):
                     data = npy_bytes(np.ascontiguousarray(arr))
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime, info.mode = len(data), 0, 0o644

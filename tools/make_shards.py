@@ -12,8 +12,10 @@ Input
     `--captions FILE` instead reads a CSV with a header `file,caption` or JSON lines
     `{"file": ..., "caption": ...}` (by the name: .csv, or .jsonl/.json); `file` is
     relative to SRC. Captions are UTF-8 and stripped of surrounding whitespace. Inputs are
-    processed in sorted order of their path, so the same inputs and options always give
-    byte-identical shards.
+    packed in a seeded shuffled order (`--seed`, default 0), so neighbouring files (one
+    folder, one source, one day) spread over all the shards; the order is a pure function of
+    the seed and the sorted list of inputs, so the same inputs and options always give
+    byte-identical shards. `--no-shuffle` packs in sorted path order.
 
 Output
     Shards OUT_PREFIX-000000.tar, OUT_PREFIX-000001.tar, ... Each shard holds samples
@@ -38,8 +40,10 @@ Resume
     that input range, and its size. A rerun with the same options checks the recorded
     shards (present, right size, same inputs) and continues after the last good one;
     `--restart` discards the record and starts over. Inputs that sort after the packed
-    ones are appended as new shards. `--stop-after-shards N` stops after N new shards
-    (for tests and for splitting the work into time slots).
+    ones are appended as new shards (with `--no-shuffle`; shuffled, a new input moves the
+    order, so the shards from the first one whose inputs changed are written again).
+    `--stop-after-shards N` stops after N new shards (for tests and for splitting the work
+    into time slots).
 
 Skipped inputs
     Images that cannot be decoded (or have more than `--max-pixels` pixels), images
@@ -143,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, Ceph, ...); default AWS or $AWS_ENDPOINT_URL")
     p.add_argument("--profile", help="AWS profile for S3 credentials")
     p.add_argument("--anon", action="store_true", help="anonymous S3 access")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                   help="seed of the shuffled packing order (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="pack in sorted path order instead")
     p.add_argument("--restart", action="store_true", help="ignore the progress file and start from the first shard")
     p.add_argument("--stop-after-shards", type=positive_int, default=None, metavar="N",
                    help="stop after writing N new shards (rerun to continue)")
@@ -202,6 +209,16 @@ def read_captions_file(path: Path) -> list[Entry]:
         raise UsageError(f"--captions: {path}: {e}") from None
     # Sorted by file, stable for the same file listed twice (both are kept).
     return sorted(entries, key=lambda e: e.rel)
+
+
+def shuffled(entries: list[Entry], seed: int) -> list[Entry]:
+    """The packing order: `entries` (sorted by path) ordered by a hash of (seed, position in the sorted list, path),
+    a pure function of the seed and the sorted list, the same on every machine and Python version, so a resumed run
+    continues the same order."""
+    def rank(item):
+        i, e = item
+        return hashlib.sha256(f"{seed}\0{i}\0{e.rel}".encode()).digest()
+    return [e for _, e in sorted(enumerate(entries), key=rank)]
 
 
 def entries_digest(entries: list[Entry]) -> str:
@@ -469,7 +486,7 @@ def options_of(args) -> dict:
     """The options that change the bytes of the shards; a resume must use the same."""
     return {"shard_size": args.shard_size, "max_samples": args.max_samples, "resize": args.resize,
             "max_pixels": args.max_pixels, "captions": "file" if args.captions else "sidecar",
-            "jpeg_quality": JPEG_QUALITY}
+            "jpeg_quality": JPEG_QUALITY, "order": "sorted" if args.no_shuffle else f"shuffled, seed {args.seed}"}
 
 
 def verified_shards(out: Output, state: dict, entries: list[Entry]) -> list[dict]:
@@ -528,6 +545,8 @@ def run(args) -> int:
     entries = read_captions_file(Path(args.captions)) if args.captions else scan_folder(src)
     if not entries:
         raise UsageError(f"no images found in {src}" if not args.captions else f"--captions {args.captions} lists no files")
+    if not args.no_shuffle:
+        entries = shuffled(entries, args.seed)
 
     out = Output(args.out_prefix, args.endpoint_url, args.profile, args.anon)
     try:
