@@ -384,7 +384,6 @@ if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)
     EarlySignals()
     status = rank_main(Path(sys.argv[1]))
-    from pixeldiff.process import ignore_late_stop_signals
+    from pixeldiff.process import leave
 
-    ignore_late_stop_signals()  # a late TERM during interpreter exit must not turn a finished task into a killed one
-    sys.exit(status)
+    leave(status)  # late TERMs ignored; a multi-rank task skips the interpreter's teardown (it has aborted there)

@@ -39,6 +39,7 @@ class ReadOptions:
     text_dim: int = 0
     caption_key: str = "txt"  # "txt", or "json:caption": a field of the .json member
     buckets: tuple = ()  # (h, w) sizes (`bucket_sizes`); () = one square bucket of `resolution`
+    max_unreadable: float = 1.0  # fraction of a stream's shards per pass that may be given up on (data.max_bad_fraction)
 
     @property
     def sizes(self) -> tuple:

@@ -141,10 +141,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 buffers.setdefault(item["bucket"], []).append((item, [u, k, ep]))
         return buffers
 
-    def _keys(self, lst, pos: Position, counts: dict, quiet: list, log):
+    def _keys(self, lst, pos: Position, counts: dict, quiet: list, log, stream: int = 0):
         """(shard index in `lst`, key index in that shard, url, key, parts) for the epoch's keys from `pos`'s window
         start; whole-shard problems are counted (unless quiet[0]: a restart reading a window whose problems the
         checkpoint counted already)."""
+        gave_up = 0  # shards given up on after data.retries in this pass: skipped data, within data.max_bad_fraction
         for i in range(pos.next, len(lst)):
             url = self.urls[lst[i]]
             k = pos.offset if i == pos.next else 0
@@ -154,6 +155,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         counts[item.kind] += 1
                         if item.kind != "truncated_tar":
                             log(f"{item.kind}: {url}")
+                    if item.kind == "read_error":
+                        gave_up += 1
+                        if gave_up > self.opt.max_unreadable * len(lst):
+                            raise DataError(
+                                f"data stream {stream}: {gave_up} of the {len(lst)} shards of this pass could not be "
+                                f"read after data.retries ({self.opt.retries}), more than data.max_bad_fraction "
+                                f"{self.opt.max_unreadable:g} of them (e.g. {url}): not skipped further; check the "
+                                f"storage endpoint (data.s3.endpoint_url), the credentials and the network, then "
+                                f"run again to resume")
                     continue
                 yield (i, k, url, *item)
                 k += 1
@@ -179,7 +189,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             lst = pos.remaining if pos.remaining is not None else \
                 stream_shards(len(self.urls), self.seed, pos.epoch, stream, n_streams)
             quiet = [taken > 0]
-            keys = self._keys(lst, pos, counts, quiet, log)
+            keys = self._keys(lst, pos, counts, quiet, log, stream)
             while True:
                 window = list(itertools.islice(keys, self.window))
                 quiet[0] = False
@@ -356,7 +366,8 @@ class ShardSource:
                           retries=c.retries, backoff_s=c.retry_backoff_s, block_size=c.block_size_mb << 20,
                           text_len=self.text_cfg.max_tokens if self.text_cfg.encoder == "precomputed" else 0,
                           text_dim=self.text_cfg.dim, caption_key=c.caption_key,
-                          buckets=bucket_sizes(resolution, self.patch, c.max_aspect) if c.buckets == "aspect" else ())
+                          buckets=bucket_sizes(resolution, self.patch, c.max_aspect) if c.buckets == "aspect" else (),
+                          max_unreadable=c.max_bad_fraction)
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
                           self.storage_options, rotate=self.batches_seen % max(1, self.workers),
                           window=c.shuffle_buffer)
@@ -371,7 +382,19 @@ class ShardSource:
             raise DataError(str(e).strip().splitlines()[-1].removeprefix(f"{DataError.__module__}.DataError: ")) from None
 
     def _consume(self, loader):
-        for batch in loader:
+        batches = iter(loader)
+        try:
+            yield from self._account(batches)
+        finally:
+            # the workers go now, whatever ended the stream: an exception's traceback keeps this frame (and the
+            # iterator) alive, and the workers ignore SIGTERM (Slurm's), so the interpreter's exit, which joins
+            # them after a SIGTERM, would wait for them forever
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _account(self, batches):
+        for batch in batches:
             s = batch["stream"]
             self.positions[s] = Position(*batch["position"])
             self.bad_live[s] = batch["bad"]

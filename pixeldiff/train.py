@@ -38,8 +38,7 @@ from pixeldiff.optim import OptimizerState, build_optimizer
 from pixeldiff.parallel import clip_gradients, parallelize
 from pixeldiff.perceptual import PerceptualLosses
 from pixeldiff.repa import build_teacher, repa_active
-from pixeldiff.process import (LOCK_WAIT_S, RunLocked, StopFlag, code_version, ignore_late_stop_signals, lock_run,
-                               no_world_write)
+from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, leave, lock_run, no_world_write
 from pixeldiff.sample import shared_grid
 from pixeldiff.schedule import StageSchedule, lr_at
 from pixeldiff.shards import DataError, ShardSource
@@ -498,7 +497,6 @@ def main(argv=None) -> int:
         return 2
     try:
         reason = run_job(Path(argv[0]), log=lambda s: print(s, flush=True), restore_signals=False)
-        ignore_late_stop_signals()
     except (ConfigError, RunLocked, checkpoint.CheckpointError) as e:
         return failed(f"error: {e}", 2)
     except DataError as e:
@@ -509,14 +507,7 @@ def main(argv=None) -> int:
 
 
 def failed(message: str, code: int) -> int:
-    """A rank that ends on an error it has reported: with other ranks, it leaves at once, without the interpreter's
-    teardown, which after a failed collective save has aborted in native threads (SIGABRT, "terminate called
-    without an active exception": exit -6 instead of `code`, 1 time in 3 with 2 gloo ranks). Its files are written
-    and closed by then; stdout and stderr are flushed here."""
     print(message, file=sys.stderr, flush=True)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        os._exit(code)
     return code
 
 
@@ -530,4 +521,4 @@ def exit_code(reason: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -105,9 +105,12 @@ def test_time_limit_is_cut_to_the_wall_clock_budget():
 
 
 def test_plan_sizes_segments_lead_and_requeue_limits():
-    p = make_plan(load_manifest(Path("manifests/speedrun.yaml"), []))["jobs"]
+    plan = make_plan(load_manifest(Path("manifests/speedrun.yaml"), []))
+    p = plan["jobs"]
     assert p["time_limit_min"] == 240 and 60 <= p["signal_lead_s"] <= 300
-    assert p["segments"] >= 24 * 60 / 240 and p["max_timeouts"] == 2 * p["segments"] + 2
+    assert p["segments"] >= plan["total_hours"] * 60 / 240 and p["max_timeouts"] == 2 * p["segments"] + 2
+    spend = make_plan(load_manifest(Path("manifests/speedrun.yaml"), ["budget.policy=extend_last_stage"]))
+    assert spend["jobs"]["segments"] >= 0.95 * 24 * 60 / 240 > p["segments"]  # the whole budget: more jobs
     dev = make_plan(load_manifest(Path("manifests/devcluster.yaml"), []))["jobs"]
     assert dev["time_limit_min"] == 2 and dev["signal_lead_s"] == 15
 
@@ -142,16 +145,16 @@ def test_plan_takes_measured_throughput_from_a_calibration_file(tmp_path):
     from conftest import run_cli
 
     calib = tmp_path / "calib.json"
-    calib.write_text(json.dumps({"device": "test", "img_per_s_per_gpu": {"512": 6.1}}))  # half the estimate
+    calib.write_text(json.dumps({"device": "test", "img_per_s_per_gpu": {"512": 89.0}}))  # half the estimate
     out = run_cli("launcher.cli", "plan", "manifests/speedrun.yaml", "--json", "--calibration", str(calib))
     assert out.returncode == 0, out.stderr
     p = json.loads(out.stdout)
     s512, s1024 = p["stages"]
-    assert s512["est_img_per_s_per_gpu"] == 6.1 and s1024["est_img_per_s_per_gpu"] == 9.5
+    assert s512["est_img_per_s_per_gpu"] == 89.0 and s1024["est_img_per_s_per_gpu"] == 36.0
     assert "no 1024 px measurement" in out.stderr
-    # the stages take shares of the budget: half the speed, half the steps in the same GPU-hours
+    # the published steps at half the speed: the same steps in twice the GPU-hours
     planned = make_plan(load_manifest(Path("manifests/speedrun.yaml"), []))["stages"][0]
-    assert abs(s512["steps"] - planned["steps"] / 2) <= 1 and abs(s512["gpu_hours"] - planned["gpu_hours"]) < 0.1
+    assert s512["steps"] == planned["steps"] == 100_000 and abs(s512["gpu_hours"] - 2 * planned["gpu_hours"]) < 0.1
     calib.write_text("{}")
     bad = run_cli("launcher.cli", "plan", "manifests/speedrun.yaml", "--calibration", str(calib))
     assert bad.returncode == 2 and "not a calibration file" in bad.stderr and "Traceback" not in bad.stderr
