@@ -307,7 +307,7 @@ def test_a_checkpoint_of_the_other_optimizer_is_refused_with_exit_2(write_manife
     assert proc.returncode == 2, out
     assert "Traceback" not in out
     # the checkpoint's manifest says it first (pixeldiff/checkpoint_verify.py); its optimizer state would say it too
-    assert f"was written for optimizer.name {first}, this manifest has {then}" in out, out
+    assert f"was written for optimizer.name '{first}', this manifest has '{then}'" in out, out
     assert "resume it with the manifest it was written for" in out
     assert checkpoint.latest_valid(run_dir / "checkpoints") == kept  # nothing lost, nothing written
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == 4
