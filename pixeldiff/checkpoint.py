@@ -55,6 +55,9 @@ PARTS = ("model", "ema", "optimizer")  # in the DCP shards; plus one train_state
 # Tests only: hold the commit of this step's checkpoint (before its marker) for a long time, so that a test can
 # kill the job in the middle of a save.
 HOLD_COMMIT_ENV = "PIXELDIFF_TEST_HOLD_COMMIT_AT_STEP"
+# Tests only: "RANK:SECONDS": that rank's background save ends SECONDS late, after its last collective, so that a test
+# sees the ranks' saves finish at different times.
+LATE_SAVE_END_ENV = "PIXELDIFF_TEST_LATE_SAVE_END"
 
 
 # DCP warns on every single-process save and load that it assumes one process, which is what we mean
@@ -640,6 +643,14 @@ class Saver:
         return problem
 
     def _write(self, dest, state: dict, files: dict[str, bytes], step: int, t0: float, record: dict) -> dict:
+        try:
+            return self._write_all(dest, state, files, step, t0, record)
+        finally:
+            rank, _, seconds = os.environ.get(LATE_SAVE_END_ENV, "").partition(":")
+            if rank == str(self.rank):
+                time.sleep(float(seconds))
+
+    def _write_all(self, dest, state: dict, files: dict[str, bytes], step: int, t0: float, record: dict) -> dict:
         attempts = 1 + (self.retries if is_remote(self.root) else 0)
         for attempt in range(1, attempts + 1):
             problem = self._attempt(dest, state, files, step, record)
@@ -689,6 +700,10 @@ class Saver:
         except Exception as e:  # noqa: BLE001
             self.log(f"WARNING: could not remove the partial checkpoint of step {step} ({describe(e)}); it has no "
                      f"marker, so it never counts, and the next save of that step replaces it")
+
+    def finished(self) -> bool:
+        """Whether a save in flight has finished (successfully or not) on this rank; no wait."""
+        return self._pending is not None and self._pending[0].done()
 
     def poll(self) -> list[dict]:
         """-> [record] when the save in flight has finished (raising its error if it failed), else []."""
@@ -837,6 +852,10 @@ class CheckpointManager:
             self.saved_step = step
         if final:
             self._report(self.saver.wait())
+
+    def save_finished(self) -> bool:
+        """Whether a background save has finished on this rank since the last report (no wait)."""
+        return self.saver.finished()
 
     def poll(self, wait: bool = False) -> None:
         """Report a background save that finished since the last call (`wait`: block until it has)."""

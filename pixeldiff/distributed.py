@@ -157,14 +157,17 @@ def all_mean(values: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
-def agree_max(value: int, device: torch.device) -> int:
+def agree_max(value, device: torch.device):
     """The largest value over ranks, on every rank: how ranks agree at a step boundary to stop (a signal number or
-    a stop code) or to take the last job's exit."""
+    a stop code) or to take the last job's exit. `value`: an int, or a tuple of ints agreed element-wise in the same
+    collective (-> a tuple)."""
+    many = isinstance(value, tuple)
     if not dist.is_initialized():
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
+    t = torch.tensor(list(value) if many else [value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    out = t.tolist()
+    return tuple(out) if many else out[0]
 
 
 def gather_to_main(obj):

@@ -25,10 +25,12 @@ The stages live in three files: the shard list in `pixeldiff/shardlist.py`, read
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import random
 import signal
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -281,6 +283,24 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+_LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators whose workers may still run
+_AT_EXIT = False
+
+
+def _stop_at_exit(batches) -> None:
+    """Stop this loader's workers when the interpreter exits, if nothing stopped them before. An iterator held in a
+    reference cycle (a traceback's frames) is not collected before the exit, and multiprocessing's exit handler
+    sends the workers SIGTERM, which they ignore, then waits for them: forever. This handler, registered after
+    multiprocessing's, runs before it and lets the workers finish as the DataLoader does it (no signal)."""
+    global _AT_EXIT
+    if not hasattr(batches, "_shutdown_workers"):
+        return
+    if not _AT_EXIT:  # at the first loader with workers: multiprocessing registered its handler when they started
+        atexit.register(lambda: [b._shutdown_workers() for b in list(_LIVE_LOADERS)])
+        _AT_EXIT = True
+    _LIVE_LOADERS.add(batches)
+
+
 class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 
@@ -383,6 +403,7 @@ class ShardSource:
 
     def _consume(self, loader):
         batches = iter(loader)
+        _stop_at_exit(batches)
         try:
             yield from self._account(batches)
         finally:

@@ -280,8 +280,13 @@ class Trainer:
         batches, layout = None, None
         self.metrics.start()
         while st.step < self.schedule.total_steps:
-            # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this step boundary
-            self.stop_code = distributed.agree_max(max(stop.signum or 0, self.limit_code()), self.device)
+            # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this step boundary;
+            # in the same collective, whether a background save has finished on some rank: it ends in a collective,
+            # so it has finished (or is about to) on every rank, and all report it, or raise its error, at this step
+            self.stop_code, saved = distributed.agree_max(
+                (max(stop.signum or 0, self.limit_code()), int(self.ckpt.save_finished())), self.device)
+            if saved:
+                self.ckpt.poll(wait=True)
             if self.stop_code:
                 break
             stage_idx = self.schedule.stage_at(st.step)
@@ -302,7 +307,6 @@ class Trainer:
             self.clock.observe_step(time.perf_counter() - t0)
             self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
             self.metrics.heartbeat(st.step, elapsed_s=round(self.clock.elapsed(), 3))
-            self.ckpt.poll()  # a background save that finished since the last step
             save = st.step % m.checkpoint.interval_steps == 0
             if (save or st.step % m.logging.metrics_interval == 0) and self.guard.diverged(self.model, check_weights=save):
                 if not self.roll_back():

@@ -48,3 +48,19 @@ def run_cli(*args, cwd=None, timeout=300, **popen) -> subprocess.CompletedProces
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd or REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+
+def pytest_unconfigure(config):
+    """After the summary: name what could keep the interpreter from exiting (live child processes, non-daemon
+    threads), and if its exit still takes more than 5 minutes, print every thread's stack and exit 1: a test run
+    that cannot end is a failure to read, not a CI timeout."""
+    import faulthandler
+    import multiprocessing
+    import threading
+
+    kids = multiprocessing.active_children()
+    threads = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+    if kids or threads:
+        print(f"still alive after the tests: child processes {kids}, threads {threads}", file=sys.__stderr__, flush=True)
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)

@@ -131,14 +131,15 @@ def test_a_disk_that_fills_during_the_first_save_leaves_nothing_marked_complete(
 def test_two_ranks_stop_together_when_the_disk_fills_during_a_save(tmp_path, small_disk, checkpoint_size):
     """2 DDP ranks, each writing its share of the first checkpoint to a disk too small for it: the write fails
     (ENOSPC) on one rank or both, the ranks agree on it, and both exit 1 with the message at once (neither waits in a
-    collective for the other); on a larger disk both resume the run."""
+    collective for the other), even when one rank's save ends seconds after the other's; on a larger disk both
+    resume the run."""
     from distutil import spawn_ranks
 
     disk = small_disk(int(0.9 * checkpoint_size) // 4096 * 4096)
     ckpts = disk / "ckpts"
     manifest = write(tmp_path, steps=(20, 2), checkpoint={"dir": str(ckpts), "interval_steps": 10, "keep": 2})
     run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
-    procs = spawn_ranks(run_dir, 2)
+    procs = spawn_ranks(run_dir, 2, **{checkpoint.LATE_SAVE_END_ENV: "1:3"})
     outs = [collect(p, timeout=240) for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 1 and "Traceback" not in out, out

@@ -1,7 +1,11 @@
 """The shard pipeline with real tar files: order, resume, and every kind of bad data."""
 
 import itertools
+import os
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +15,7 @@ from pixeldiff.config import DataConfig, TextConfig
 from pixeldiff.shardlist import DataError, expand_braces, shard_list
 from pixeldiff.shardread import Bad, ReadOptions, read_shard
 from pixeldiff.shards import Position, ShardSource, epoch_order, relayout, stream_shards
+from conftest import REPO
 from shardutil import image_bytes, sample_members, write_shards, write_tar
 
 
@@ -394,3 +399,25 @@ def test_aspect_buckets_two_ranks_resumed_on_one_skip_nothing(tmp_path):
         later.update(b["key"])
     it.close()
     assert waiting[0] | waiting[1] <= later
+
+
+def test_the_interpreter_exits_while_a_forgotten_stream_has_workers(tmp_path):
+    """A stream left open in a reference cycle (as a traceback's frames keep one) is not collected before the
+    interpreter's exit, and its workers ignore SIGTERM, which is how multiprocessing's exit handler stops them: the
+    process must still exit, and at once (it used to wait for the workers forever)."""
+    write_shards(tmp_path, n_shards=2, per_shard=20)
+    urls = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
+    script = (
+        "import time\n"
+        "from pixeldiff.config import DataConfig, TextConfig\n"
+        "from pixeldiff.shards import ShardSource\n"
+        f"cfg = DataConfig(source='webdataset', shards={urls!r}, workers=2, prefetch=2)\n"
+        "it = ShardSource(cfg, TextConfig()).batches(16, 4)\n"
+        "next(it)\n"
+        "cycle = [it]; cycle.append(cycle)\n"
+        "del it, cycle\n"
+        "print(time.time(), flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.time() - float(r.stdout.split()[-1]) < 20, "the exit waited for the workers"
