@@ -170,7 +170,6 @@ def test_a_schedule_far_inside_the_budget_is_said_and_extend_last_stage_spends_t
 
 def test_the_final_sample_grid_is_inside_the_stop_margin(write_manifest, tmp_path):
     """A measured grid time (this job's, or earlier jobs' samples_written events) moves the stop earlier by 1.5x it."""
-    from launcher.cli import prepare_run_dir
     from launcher.manifest import load_manifest
 
     path = write_manifest(budget={"wall_hours": 1.0})

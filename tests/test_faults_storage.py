@@ -2,9 +2,7 @@
 endpoint down (moto behind a TCP proxy that is taken off the network), truncated and foreign checkpoints, and planted
 pickles that would run code."""
 
-import os
 import pickle
-import shutil
 import subprocess
 import threading
 import uuid

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -117,7 +116,7 @@ def test_a_job_queued_for_hours_stops_inside_the_wall_budget():
     3 h left) but waited 2.5 h in the queue. It starts with 30 minutes of budget left: it stops for the budget at
     the wall budget's end less the margin, long before its own end; its bill starts at its allocation, not at its
     submission."""
-    t0, step, ckpt = 1_000_000.0, 1.0, 10.0
+    t0, step = 1_000_000.0, 1.0
     m = slurm_manifest("budget.wall_hours=4")
     past = [ev("segment_start", t0, gpus=4, job_id="1", job_start=t0),
             ev("segment_end", t0 + 3600, reason="deadline", step=500, elapsed_s=3600.0),

@@ -9,7 +9,7 @@ import pytest
 from launcher.manifest import load_manifest
 from launcher.plan import make_plan
 from launcher.job import failed_nodes, is_collective_error, rank_nodes, report_failure
-from launcher.policy import Action, SubmitError, next_action, time_limit_min
+from launcher.policy import SubmitError, next_action, time_limit_min
 
 NOW = 1_800_000_000.0
 

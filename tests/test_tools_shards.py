@@ -358,7 +358,6 @@ def word_count(caption: str) -> int:
 
 
 def check_embedded(original: bytes, embedded: bytes, dim: int, max_tokens: int, dtype=np.float16) -> int:
-    import torch  # noqa: F401 - BuiltinTextEncoder needs it
 
     from pixeldiff.text import BuiltinTextEncoder
 
