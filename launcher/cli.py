@@ -1,7 +1,7 @@
 """`pixeldiff-launch`: plan and run a manifest.
 
     pixeldiff-launch plan   MANIFEST [--json] [--set key=value ...]
-    pixeldiff-launch run    MANIFEST [--local] [--detach] [--runs-dir DIR] [--set key=value ...]
+    pixeldiff-launch run    MANIFEST [--local] [--detach] [--plain] [--runs-dir DIR] [--set key=value ...]
     pixeldiff-launch status RUN_DIR [--json]
     pixeldiff-launch watch  RUN_DIR [--once]
     pixeldiff-launch cancel RUN_DIR [--wait SECONDS]
@@ -192,6 +192,10 @@ def cmd_run(args) -> int:
         print(f"job running in the background: pid {proc.pid}, log {log}")
         print(f"stop it cleanly with: kill -TERM {proc.pid}   (it saves a checkpoint; run again to resume)")
         return 0
+    if sys.stdout.isatty() and not args.plain:  # a terminal: the job beside a live dashboard
+        from launcher.status import run_with_dashboard
+
+        return run_with_dashboard(run_dir)
     from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
     from pixeldiff.train import RunLocked, exit_code, run_job
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--local", action="store_true", help="run on this machine (one GPU or the CPU), in runs/<name>-local")
     p.add_argument("--detach", action="store_true", help="return once the job has started")
+    p.add_argument("--plain", action="store_true", help="a local run on a terminal: print the job's lines (one JSON "
+                                                        "dict per logging interval) instead of the live dashboard")
     p.add_argument("--runs-dir", default="runs", help="where run directories live (default: ./runs)")
     p.set_defaults(func=cmd_run)
 

@@ -24,6 +24,7 @@ changed, until the run ends; with `--once` it prints one whole frame as plain te
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,52 @@ def _watch_plain(s: dict, frame, once: bool, interval: float, sleep, console) ->
             return EXIT[s["state"]]
         sleep(interval)
         s = frame()
+
+
+def run_with_dashboard(run_dir: Path, console=None, interval: float = 1.0) -> int:
+    """A local run on a terminal: the job in a child process (its output in RUN_DIR/jobs/local-*.log) and, here, the
+    dashboard `watch` draws, updated in place, until the job ends. Ctrl-C reaches both (one process group, as a
+    terminal signals it): the job saves a checkpoint and stops, and the dashboard stays until it has. -> the job's
+    exit status; when it failed, the end of its log is printed."""
+    import subprocess
+
+    from rich.console import Console
+    from rich.live import Live
+
+    console = console or Console()
+    log = run_dir / "jobs" / f"local-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pixeldiff.train", str(run_dir)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def size():
+        w, h = console.size
+        return max(40, w), max(10, h - 2)
+
+    def frame(note=""):
+        s = summary(run_dir)
+        if note:
+            s["notices"] = [note, *s["notices"]]
+        return dashboard.build(s, *size())
+
+    interrupted = []  # the job has the same SIGINT: it checkpoints and stops, and the dashboard shows it doing so
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        with Live(frame(), console=console, auto_refresh=False, transient=False, vertical_overflow="crop") as live:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=interval)
+                except subprocess.TimeoutExpired:
+                    pass
+                note = "Ctrl-C: the job saves a checkpoint and stops (run again to resume)" if interrupted else ""
+                live.update(frame(note), refresh=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"log: {log}", flush=True)
+    if proc.returncode not in (0, None):
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        print("\n".join(tail), file=sys.stderr)
+    return proc.returncode
 
 
 def _watch_live(s: dict, frame, once: bool, interval: float, sleep, console) -> int:
