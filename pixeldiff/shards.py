@@ -296,9 +296,42 @@ def _stop_at_exit(batches) -> None:
     if not hasattr(batches, "_shutdown_workers"):
         return
     if not _AT_EXIT:  # at the first loader with workers: multiprocessing registered its handler when they started
-        atexit.register(lambda: [b._shutdown_workers() for b in list(_LIVE_LOADERS)])
+        atexit.register(lambda: [stop_workers(b) for b in list(_LIVE_LOADERS)])
         _AT_EXIT = True
     _LIVE_LOADERS.add(batches)
+
+
+def _queue_usable(q) -> bool:
+    """Whether a multiprocessing queue can still deliver: not closed, and its finalizer (a weakref callback, which the
+    garbage collector runs when it collects the queue's cycle) has not told its feeder thread to stop."""
+    fin = getattr(q, "_close", None)
+    return not getattr(q, "_closed", False) and (fin is None or fin.still_active())
+
+
+def stop_workers(batches) -> None:
+    """Stop a DataLoader iterator's workers, now, whatever state it is in. torch's own shutdown puts None on each
+    worker's index queue, then falls back to SIGTERM, which our workers ignore. That is enough when the stream is
+    closed, or left open at the interpreter's exit. But when the garbage collector finalizes a forgotten stream (a
+    cycle), it has already closed those queues (their finalizers are weakref callbacks, run before the generator's
+    `finally`): the None never arrives, and the workers would run, and the exit wait for them, forever. Then, and
+    for any worker still alive after torch's shutdown, SIGKILL (its pid first taken out of torch's SIGCHLD check)."""
+    workers = list(getattr(batches, "_workers", ()))
+
+    def kill_left():
+        if getattr(batches, "_worker_pids_set", False):  # else torch's SIGCHLD handler reports the kill as a failure
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(5)
+
+    if workers and not all(_queue_usable(q) for q in getattr(batches, "_index_queues", ())):
+        kill_left()
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    kill_left()
 
 
 class ShardSource:
@@ -410,9 +443,7 @@ class ShardSource:
             # the workers go now, whatever ended the stream: an exception's traceback keeps this frame (and the
             # iterator) alive, and the workers ignore SIGTERM (Slurm's), so the interpreter's exit, which joins
             # them after a SIGTERM, would wait for them forever
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            stop_workers(batches)
 
     def _account(self, batches):
         for batch in batches:

@@ -401,10 +401,13 @@ def test_aspect_buckets_two_ranks_resumed_on_one_skip_nothing(tmp_path):
     assert waiting[0] | waiting[1] <= later
 
 
-def test_the_interpreter_exits_while_a_forgotten_stream_has_workers(tmp_path):
-    """A stream left open in a reference cycle (as a traceback's frames keep one) is not collected before the
-    interpreter's exit, and its workers ignore SIGTERM, which is how multiprocessing's exit handler stops them: the
-    process must still exit, and at once (it used to wait for the workers forever)."""
+@pytest.mark.parametrize("collected", [False, True], ids=["left-at-exit", "garbage-collected"])
+def test_the_interpreter_exits_while_a_forgotten_stream_has_workers(tmp_path, collected):
+    """A stream left open in a reference cycle (a source and its generator; a traceback's frames) is collected by
+    the garbage collector at some point, or not before the interpreter's exit. Its workers ignore SIGTERM, which is
+    how multiprocessing's exit handler and torch's last resort stop them, and by the time the collector runs the
+    generator's `finally` it has closed the queues torch's shutdown message goes through. Either way the workers
+    must go, and the process exit at once (it used to wait for them forever)."""
     write_shards(tmp_path, n_shards=2, per_shard=20)
     urls = sorted(str(p) for p in tmp_path.glob("train-*.tar"))
     script = (
@@ -416,8 +419,14 @@ def test_the_interpreter_exits_while_a_forgotten_stream_has_workers(tmp_path):
         "next(it)\n"
         "cycle = [it]; cycle.append(cycle)\n"
         "del it, cycle\n"
+        f"if {collected}:\n"
+        "    import gc, multiprocessing; t0 = time.time(); gc.collect()\n"
+        "    print('left', len(multiprocessing.active_children()), round(time.time() - t0, 1))\n"
         "print(time.time(), flush=True)\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert time.time() - float(r.stdout.split()[-1]) < 20, "the exit waited for the workers"
+    if collected:  # the collection stopped the workers, quickly (not torch's 5 s timeouts per worker)
+        _, left, seconds = r.stdout.split("\n")[0].split()
+        assert left == "0" and float(seconds) < 4, r.stdout
