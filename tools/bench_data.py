@@ -1,12 +1,13 @@
 """Benchmark the shard pipeline against decode-only, from local disk and from S3.
 
-    python tools/bench_data.py [--images 512] [--size 768x640 | --mixed] [--res 512] [--workers 1]
+    python tools/bench_data.py [--images 512] [--size 768x640 | --mixed [--scale 2]] [--res 512] [--workers 1]
                                [--shuffle-buffer 1000] [--s3] [--embeddings 256x2304]
 
 Writes JPEG shards of random-texture images to a temporary directory, then prints
 samples/s per worker for:
   decode-only   the same decode/resize/crop (`decode_sample`) on bytes already in memory,
                 one process: the limit the pipeline can reach;
+  decode+buckets the same with the aspect buckets of --res (patch 32): what the buckets' own resampling costs;
   local         ShardSource over the local shards with --workers DataLoader workers, in shard order
                 (data.shuffle_buffer 0);
   local+shuffle the same with --shuffle-buffer windows, over two epochs so that whole windows (filled,
@@ -43,7 +44,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pixeldiff.config import DataConfig, S3Config, TextConfig  # noqa: E402
-from pixeldiff.shardread import ReadOptions, decode_sample  # noqa: E402
+from pixeldiff.shardread import ReadOptions, bucket_sizes, decode_sample  # noqa: E402
 from pixeldiff.shards import ShardSource  # noqa: E402
 
 
@@ -75,9 +76,9 @@ def write_shards(root: Path, images: list[bytes], per_shard: int) -> list[Path]:
     return paths
 
 
-def decode_only(images: list[bytes], res: int, repeats: int = 2) -> float:
+def decode_only(images: list[bytes], res: int, repeats: int = 2, buckets: bool = False) -> float:
     """Best of `repeats` passes, so a noisy neighbour on the machine does not lower the limit."""
-    opt = ReadOptions(resolution=res)
+    opt = ReadOptions(resolution=res, buckets=bucket_sizes(res, 32) if buckets else ())
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -152,6 +153,10 @@ def main(argv=None):
     ap.add_argument("--s3", action="store_true", help="also read through a moto S3 server on 127.0.0.1")
     ap.add_argument("--mixed", action="store_true", help="images of five aspects (768x640, 640x768, 896x512, "
                                                           "512x896, 704x704) instead of --size")
+    ap.add_argument("--scale", type=float, default=1.0, help="with --mixed: multiply the five sizes by this (1.0: "
+                                                               "the short side of three of them is the crop or less, "
+                                                               "as in shards pre-resized to it; 2.0: photos larger "
+                                                               "than the crop, which every pipeline must resample)")
     ap.add_argument("--embeddings", metavar="LxD", help="measure the bytes of embedding batches instead")
     args = ap.parse_args(argv)
     if args.embeddings:
@@ -159,18 +164,21 @@ def main(argv=None):
     w, h = (int(v) for v in args.size.split("x"))
 
     if args.mixed:  # the aspects interleaved, as in a real shard
-        per = [make_images(-(-args.images // len(MIXED)), size) for size in MIXED]
+        sizes = [(round(w * args.scale / 8) * 8, round(h * args.scale / 8) * 8) for w, h in MIXED]
+        per = [make_images(-(-args.images // len(MIXED)), size) for size in sizes]
         images = [per[j % len(MIXED)][j // len(MIXED)] for j in range(args.images)]
     else:
         images = make_images(args.images, (w, h))
     mb = sum(map(len, images)) / 2**20
-    print(f"{args.images} JPEGs {'of mixed aspects' if args.mixed else f'{w}x{h}'} ({mb:.1f} MiB), crop {args.res}, {args.workers} worker(s), "
+    what = f"of mixed aspects ({', '.join(f'{a}x{b}' for a, b in sizes)})" if args.mixed else f"{w}x{h}"
+    print(f"{args.images} JPEGs {what} ({mb:.1f} MiB), crop {args.res}, {args.workers} worker(s), "
           f"{os.cpu_count()} CPUs", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_shards(Path(tmp), images, args.per_shard)
         base = decode_only(images, args.res)
         rows.append(("decode-only", base))
+        rows.append(("decode+buckets", decode_only(images, args.res, buckets=True)))
         local = [str(p) for p in paths]
         rows.append(("local", pipeline(local, 2 * args.images, args.res, args.workers)))
         rows.append(("local+shuffle", pipeline(local, 2 * args.images, args.res, args.workers, shuffle=args.shuffle_buffer)))
@@ -190,11 +198,11 @@ def main(argv=None):
                 rows.append(("s3 (moto)", pipeline(urls, args.images, args.res, args.workers, S3Config(endpoint_url=url))))
             finally:
                 stop()
-    print(f"{'source':<14}{'samples/s/worker':>18}{'vs decode-only':>16}{'vs local':>10}")
-    print("-" * 58)
-    plain = rows[1][1]
+    print(f"{'source':<16}{'samples/s/worker':>18}{'vs decode-only':>16}{'vs local':>10}")
+    print("-" * 60)
+    plain = rows[2][1]
     for name, rate in rows:
-        print(f"{name:<14}{rate:>18.1f}{rate / base:>15.0%}{rate / plain:>9.0%}")
+        print(f"{name:<16}{rate:>18.1f}{rate / base:>15.0%}{rate / plain:>9.0%}")
 
 
 if __name__ == "__main__":
