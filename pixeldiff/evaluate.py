@@ -221,6 +221,22 @@ def _square(x: torch.Tensor, size: int, mode: str, antialias: bool) -> torch.Ten
 # ------------------------------------------------------------------ the networks
 
 
+def inception_fid(path: Path, source: str, key: str, antialias: bool = True):
+    """torchmetrics' FrechetInceptionDistance on torch-fidelity's Inception from `path` (2048-d pool features)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from pixeldiff.perceptual import load_weights_file
+
+    load_weights_file(path, key)  # plain tensors only, checked before torch-fidelity unpickles it
+    try:
+        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path), antialias=antialias,
+                                        sync_on_compute=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:2]
+        raise ConfigError(f"{key}: {source} is not torch-fidelity's Inception ({INCEPTION_FILE}): "
+                          f"{' '.join(first)}"[:600]) from None
+
+
 class ClipNet:
     """open_clip, weights from a file: L2-normalised image embeddings and caption embeddings."""
 
@@ -367,7 +383,7 @@ class Evaluator:
             self.weights[net] = {"spec": info["weights"], "bytes": path.stat().st_size}
         self.fid_metric = self.clip = self.dino = self.substitute = self._dim_cache = None
         if "fid" in self.metrics:
-            self.fid_metric, self.features["fid"] = self._fid(files.get("inception"), load_weights_file)
+            self.fid_metric, self.features["fid"] = self._fid(files.get("inception"))
         if "inception" not in files and "fid" in self.metrics or "clip" not in files and "cmmd" in self.metrics \
                 or "dino" not in files and "dino_mmd" in self.metrics:
             self.substitute = SubstituteNet(self.device, cfg.antialias)
@@ -386,7 +402,7 @@ class Evaluator:
             self.features["dino_mmd"] = f"dino-{self.dino.name}-{self.dino.resolution}px" if self.dino \
                 else self.substitute.name
 
-    def _fid(self, file, load_weights_file):
+    def _fid(self, file):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if file is None:
@@ -394,15 +410,7 @@ class Evaluator:
             metric = FrechetInceptionDistance(feature=net, sync_on_compute=False)
             return metric.to(self.device), net.name
         path, source, info = file
-        load_weights_file(path, info["key"])  # plain tensors only, before torch-fidelity unpickles it
-        try:
-            metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path),
-                                              antialias=self.cfg.antialias, sync_on_compute=False)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[:2]
-            raise ConfigError(f"{info['key']}: {source} is not torch-fidelity's Inception ({INCEPTION_FILE}): "
-                              f"{' '.join(first)}"[:600]) from None
-        return metric.to(self.device), "inception-v3-2048"
+        return inception_fid(path, source, info["key"], self.cfg.antialias).to(self.device), "inception-v3-2048"
 
     # -------------------------------------------------------------- what the numbers are
 

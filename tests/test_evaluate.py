@@ -387,6 +387,52 @@ def test_reference_statistics_are_cached_by_their_settings(tmp_path):
     assert any("cannot read the cached reference" in s for s in logs)
 
 
+# ------------------------------------------------------------------ tools/fetch_weights.py (no network here)
+
+
+def fetch_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_weights", REPO / "tools" / "fetch_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fetch_weights_names_the_eval_files_and_their_manifest_lines(nets, tmp_path, capsys):
+    import shutil
+
+    tool = fetch_tool()
+    assert tool.main(["--dry-run", "--out", str(tmp_path / "w"), "--nets", "inception,clip,dino", "--upload", "s3://b/w"]) == 0
+    out = capsys.readouterr().out
+    assert tool.INCEPTION_URL in out and "open_clip.create_model('ViT-L-14-336-quickgelu', pretrained='openai')" in out
+    lines = yaml.safe_load(out.split("manifest lines:\n", 1)[1])
+    assert lines["eval"] == {"inception": {"weights": f"s3://b/w/{INCEPTION_FILE}"},
+                             "clip": {"model": "ViT-L-14-336-quickgelu", "weights": "s3://b/w/ViT-L-14-336-quickgelu-openai.pth"}}
+    m = manifest({**lines["eval"]}, dino_loss=lines["losses"]["dino"])  # the printed lines are a valid manifest
+    from pixeldiff.weights import eval_networks
+
+    assert eval_networks(m)["dino"]["weights"] == "s3://b/w/vit_base_patch14_reg4_dinov2-224.pth"
+    # files already there are checked the way the trainer loads them, and kept: nothing is downloaded
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copy(nets["inception"], w / INCEPTION_FILE)
+    shutil.copy(nets["clip"], w / "pixeldiff-tiny-clip-openai.pth")
+    assert tool.main(["--out", str(w), "--nets", "inception,clip", "--clip-model", "pixeldiff-tiny-clip"]) == 0
+    out, err = capsys.readouterr()
+    assert "already present and good" in out and "loads strictly into open_clip pixeldiff-tiny-clip" in out, out + err
+    assert "does not start with 6726825d" in err  # a random Inception is not the published file
+    (w / INCEPTION_FILE).write_bytes(b"not a weights file")
+
+    def offline(url, dest):  # the network is the boundary: never download from a test
+        raise tool.FetchError(f"downloading {url} failed: offline")
+
+    tool.download = offline
+    assert tool.main(["--out", str(w), "--nets", "inception"]) == 1
+    out, err = capsys.readouterr()
+    assert "present but unusable" in out and f"error: downloading {tool.INCEPTION_URL} failed: offline" in err
+
+
 # ------------------------------------------------------------------ 2 gloo ranks = 1 process
 
 
