@@ -42,7 +42,9 @@ from pixeldiff.config import INCEPTION_FILE, ConfigError, EvalConfig, Manifest
 MMD_SIGMA = 10.0  # the CMMD paper's Gaussian kernel bandwidth ...
 MMD_SCALE = 1000.0  # ... and its scale
 SUBSTITUTE_SEED = 0
-SYNTHETIC_OFFSET = 1 << 40  # held-out synthetic samples: indices training never reaches
+# held-out synthetic samples: indices training never reaches (3.2 billion samples in). Below 2^32: torch's CPU generator
+# keeps only the low 32 bits of a seed, so 2^40 + j would be training sample j again
+SYNTHETIC_OFFSET = 3 << 30
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CACHE_VERSION = 1
@@ -92,7 +94,8 @@ def reference_batches(m: Manifest, resolution: int, batch: int | None = None, st
     """This rank's share of the held-out images: yields (images uint8 (B, 3, R, R) on the CPU, captions, indices),
     `indices` their places in the held-out order. The set does not depend on the number of ranks.
 
-    - synthetic data without eval.shards: samples SYNTHETIC_OFFSET + j of the data seed, j < eval.samples, rank j % W.
+    - synthetic data without eval.shards: samples SYNTHETIC_OFFSET + j of the data seed (j < eval.samples; rank j % W),
+      which training never reaches.
     - eval.shards, or the training shards' held-out keys (`held_out`, eval.holdout): the first eval.samples samples
       in shard-list order, key order; in rounds, rank r reads shard round x W + r (the keys' bytes; only the kept
       samples are decoded: resized and centre-cropped to R like training data), all ranks agree on the counts, and
@@ -440,7 +443,9 @@ class Evaluator:
         e, d = self.cfg, self.m.data
         data = {"source": d.source if e.shards is None else "webdataset", "shards": e.shards if e.shards is not None
                 else d.shards, "holdout": None if e.shards is not None or d.source == "synthetic" else e.holdout,
-                "holdout_seed": e.holdout_seed, "seed": d.seed if d.source == "synthetic" else None,
+                "holdout_seed": e.holdout_seed,
+                "seed": d.seed if d.source == "synthetic" and e.shards is None else None,
+                "synthetic_offset": SYNTHETIC_OFFSET if d.source == "synthetic" and e.shards is None else None,
                 "caption_key": d.caption_key, "max_pixels": d.max_pixels}
         image_metrics = sorted(x for x in self.metrics if x != "clip_score")
         return {"version": CACHE_VERSION, "resolution": resolution, "samples": e.samples, "data": data,
