@@ -454,6 +454,10 @@ class Evaluator:
 
     # -------------------------------------------------------------- features
 
+    def _fp32(self):
+        """Float32 features even when called inside the trainer's bf16 autocast."""
+        return torch.autocast(self.device.type, enabled=False)
+
     @staticmethod
     def _wanted(metrics) -> list[str]:
         return [k for metric, k in (("cmmd", "clip"), ("dino_mmd", "dino")) if metric in metrics]
@@ -472,7 +476,7 @@ class Evaluator:
     def _dims(self) -> dict[str, int]:
         if self._dim_cache is None:
             probe = torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=self.device)
-            with torch.no_grad():
+            with torch.no_grad(), self._fp32():
                 self._dim_cache = {k: v.shape[1] for k, v in self._image_features(probe).items()}
         return self._dim_cache
 
@@ -521,7 +525,7 @@ class Evaluator:
         captions, n = [], 0
         if self.fid_metric is not None:
             self.fid_metric.reset()
-        with torch.no_grad():
+        with torch.no_grad(), self._fp32():
             for b in batches:
                 images, caps, idx = self._unpack(b)
                 self._check(images)
@@ -605,7 +609,7 @@ class Evaluator:
             fid.reset()
             for k, v in reference.fid.items():
                 setattr(fid, k, v.to(self.device))
-        with torch.no_grad():
+        with torch.no_grad(), self._fp32():
             for b in batches:
                 images, caps, _ = self._unpack(b)
                 self._check(images)

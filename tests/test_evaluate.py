@@ -196,6 +196,8 @@ def test_substitute_features_separate_distributions():
     assert same["fid"] < 2 and shifted["fid"] > 4 * same["fid"], (same, shifted)
     assert same["cmmd"] < 0.15 and shifted["cmmd"] > 3 * same["cmmd"], (same, shifted)
     assert same["features"]["fid"] == "random-conv-seed0-256d"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's bf16 regions: features stay float32
+        assert ev.score(synthetic(10_000, 128), ref)["fid"] == pytest.approx(same["fid"], rel=1e-6)
     pre = same["preprocess"]
     assert pre["uint8"].startswith("round(") and pre["image"] == [32, 32] and pre["fid"]["input"] == 64
     assert "sigma 10" in pre["mmd"]
