@@ -148,6 +148,12 @@ def reference_batches(m: Manifest, resolution: int, batch: int | None = None, st
             break
     if pending:
         yield _collate(pending)
+    if found == 0:  # the same on every rank
+        from pixeldiff.shardlist import DataError
+
+        where = "eval.shards" if fraction is None else f"the training shards' held-out keys (eval.holdout {fraction:g})"
+        raise DataError(f"eval: no held-out samples in {len(urls)} shards of {where}; check eval.shards, or raise "
+                        f"eval.holdout")
     if found < e.samples and rank == 0:
         log(f"eval: only {found} held-out samples in {len(urls)} shards, fewer than eval.samples = {e.samples}; "
             f"add shards to eval.shards or raise eval.holdout")
@@ -632,7 +638,7 @@ class Evaluator:
         if fid is not None:
             for k in ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples"):
                 setattr(fid, k, _sum(getattr(fid, k)))
-            out["fid"] = float(fid.compute()) if total >= 2 else None
+            out["fid"] = float(fid.compute()) if total >= 2 and reference.samples >= 2 else None
         for metric, k in (("cmmd", "clip"), ("dino_mmd", "dino")):
             if metric in use:
                 mine = torch.cat(feats[k]) if feats[k] else torch.zeros(0, dims[k], device=self.device)

@@ -278,6 +278,20 @@ def test_weights_from_s3(nets, s3_endpoint, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^eval\.clip\.weights: s3://eval-weights/nope\.pth does not exist; upload it"):
         Evaluator(missing.eval, missing, "cpu", storage_options=s3_options(s3_endpoint, None, False))
     assert abs(a) < 1e-6
+    # the reference statistics cached on S3
+    create_bucket(s3_endpoint, "eval-cache")
+    ref = ev.reference(images, 32, cache_dir="s3://eval-cache/run/eval", storage_options=s3_options(s3_endpoint, None, False))
+    from s3server import list_keys
+
+    assert [k for k in list_keys(s3_endpoint, "eval-cache") if k.startswith("run/eval/reference-32px-")]
+
+    def never():
+        raise AssertionError("a cached reference must not read the images")
+        yield
+
+    again = ev.reference(never(), 32, cache_dir="s3://eval-cache/run/eval",
+                         storage_options=s3_options(s3_endpoint, None, False))
+    assert torch.equal(again.clip, ref.clip)
 
 
 def test_a_weights_file_of_another_network_is_a_config_error(nets, tmp_path):
@@ -365,6 +379,12 @@ def test_reference_from_the_held_out_training_keys(tmp_path):
     assert [x.shape for x, _, _ in batches] == [(4, 3, 32, 32), (3, 3, 32, 32)]
     assert batches[0][0].dtype == torch.uint8
     assert [c for _, caps, _ in batches for c in caps] == [f"sample {k}" for k in keys[:7]]
+    from pixeldiff.shardlist import DataError
+
+    m = manifest(random_eval(holdout=1e-9, metrics=["fid"]), data={"source": "webdataset", "shards": spec})
+    with pytest.raises(DataError, match=r"^eval: no held-out samples in 4 shards of the training shards' held-out "
+                                        r"keys \(eval\.holdout 1e-09\); check eval\.shards, or raise eval\.holdout$"):
+        list(reference_batches(m, 32))
 
 
 def test_reference_statistics_are_cached_by_their_settings(tmp_path):
