@@ -256,7 +256,8 @@ class ClipNet:
 
         name = clip_model_name(model)
         try:
-            net = open_clip.create_model(name, pretrained=str(path), device="cpu", weights_only=True)
+            # an absolute path: a relative one named like a pretrained tag ('openai') would be downloaded
+            net = open_clip.create_model(name, pretrained=str(Path(path).resolve()), device="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a wrong, truncated or pickled file: the user's to fix
             first = str(e).strip().splitlines()[:3]
             raise ConfigError(f"{key}: {source} does not load into open_clip {name} ({type(e).__name__}: "
@@ -269,6 +270,7 @@ class ClipNet:
         self.mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
         self.device, self.antialias, self.name = device, antialias, name
+        self.quick_gelu = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
 
     def images(self, x: torch.Tensor) -> torch.Tensor:
         x = _square(x.float() / 255, self.size, "bicubic", self.antialias).clamp_(0, 1)
@@ -399,6 +401,10 @@ class Evaluator:
         if "clip" in files:
             path, source, info = files["clip"]
             self.clip = ClipNet(info["net"], path, source, info["key"], self.device, cfg.antialias)
+            if "openai" in info["weights"].lower() and not self.clip.quick_gelu:
+                self.warnings.append(f"eval.clip.model: {info['net']!r} uses GELU, but {info['weights']} looks like "
+                                     f"OpenAI's weights, which were trained with QuickGELU: the embeddings are off; "
+                                     f"use the -quickgelu model (e.g. ViT-L-14-336-quickgelu)")
         if "dino" in files:
             path, source, info = files["dino"]
             self.dino = DinoNet(info["net"], info["resolution"], load_weights_file(path, info["key"]), source,

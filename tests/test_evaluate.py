@@ -294,6 +294,18 @@ def test_weights_from_s3(nets, s3_endpoint, tmp_path, monkeypatch):
     assert torch.equal(again.clip, ref.clip)
 
 
+def test_openai_weights_in_a_gelu_model_are_warned_about(nets, tmp_path):
+    import shutil
+
+    gelu = tmp_path / "pixeldiff-tiny-clip-gelu.json"
+    gelu.write_text(json.dumps({**TINY_CLIP, "quick_gelu": False}))
+    shutil.copy(nets["clip"], tmp_path / "tiny-openai.pth")
+    for model, warned in ((str(gelu), True), (nets["clip_model"], False)):
+        m = manifest({"metrics": ["cmmd"], "clip": {"model": model, "weights": str(tmp_path / "tiny-openai.pth")}})
+        ev = Evaluator(m.eval, m, "cpu", log=lambda s: None)
+        assert any("trained with QuickGELU" in w for w in ev.warnings) == warned, ev.warnings
+
+
 def test_a_weights_file_of_another_network_is_a_config_error(nets, tmp_path):
     m = manifest({"metrics": ["cmmd"], "clip": {"model": nets["clip_model"], "weights": nets["dino"]}})
     with pytest.raises(ConfigError, match=r"^eval\.clip\.weights: .*tiny-dino\.pth does not load into open_clip "
