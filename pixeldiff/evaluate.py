@@ -357,6 +357,13 @@ class Reference:
     clip: torch.Tensor | None = None  # (n, D) L2-normalised embeddings, CPU
     dino: torch.Tensor | None = None
 
+    def prompts(self, rank: int | None = None, world: int | None = None) -> list[tuple[int, str]]:
+        """This rank's share of the prompts to generate from: (index, caption) for index % world == rank (an image's
+        noise can then be seeded by its index, so the generated set does not depend on the number of ranks)."""
+        if rank is None or world is None:
+            rank, world = _world()
+        return [(i, self.captions[i]) for i in range(rank, len(self.captions), world)]
+
     def state(self) -> dict:
         return {"settings": json.dumps(self.settings, sort_keys=True), "samples": self.samples,
                 "captions": self.captions, "fid": self.fid, "clip": self.clip, "dino": self.dino}

@@ -189,6 +189,10 @@ def test_substitute_features_separate_distributions():
     assert len(ev.warnings) == 3 and all("comparable only to each other" in w for w in ev.warnings)
     ref = ev.reference(reference_batches(m, 32), 32)
     assert ref.samples == 128 and len(ref.captions) == 128
+    shapes = SyntheticShapes(0)
+    assert ref.captions[:3] == [shapes.sample((3 << 30) + j, 32)[1] for j in range(3)]  # held-out order
+    assert ref.prompts(1, 3)[:2] == [(1, ref.captions[1]), (4, ref.captions[4])]
+    assert sorted(p for r in range(3) for p in ref.prompts(r, 3)) == list(enumerate(ref.captions))
     same = ev.score(synthetic(10_000, 128), ref)
     shifted = ev.score(synthetic(10_000, 128, shift="dark"), ref)
     assert same["samples"] == shifted["samples"] == 128
