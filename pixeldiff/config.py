@@ -246,6 +246,7 @@ class LoggingConfig:
     # cfg: classifier-free guidance (cond vs the empty caption); self: self-guidance for a TREAD-routed model (the
     # dense vs the routed conditional prediction, both with the prompt; tread.ratio > 0 needed)
     sample_guidance: Literal["cfg", "self"] = "cfg"
+    tensorboard: bool = False  # rank 0 also writes TensorBoard events to RUN_DIR/tensorboard/ (one run across jobs)
 
 
 EVAL_METRICS = ("fid", "cmmd", "clip_score", "dino_mmd")

@@ -51,6 +51,14 @@ class MetricsLogger:
         self.sinks = sinks if sinks is not None else ([JsonlSink(self.run_dir / "metrics.jsonl")] if is_main else [])
         self._window_t, self._window_img = time.perf_counter(), 0
         self._last_heartbeat = time.monotonic()
+        self.trackers: list = []  # TensorBoard (pixeldiff.tracking), rank 0: every record, and the sample grids
+
+    def track(self, trackers: list) -> None:
+        self.trackers = trackers if self.is_main else []
+
+    def image(self, tag: str, step: int, path) -> None:
+        for t in self.trackers:
+            t.image(tag, step, path)
 
     def start(self) -> None:
         """The loop begins: the first throughput window and heartbeat interval start now."""
@@ -94,10 +102,13 @@ class MetricsLogger:
         if self.is_main:
             for sink in self.sinks:
                 sink.write(rec)
+            for t in self.trackers:
+                t.log("train", step, rec)
             self.log(json.dumps(rec))
         self._window_t, self._window_img = time.perf_counter(), 0
         return rec
 
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in [*self.sinks, *self.trackers]:
             sink.close()
+        self.trackers = []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pixeldiff import checkpoint, distributed
+from pixeldiff import checkpoint, distributed, tracking
 from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config, to_dict
 from pixeldiff.data import BatchSource, SyntheticSource, to_device
@@ -212,6 +212,7 @@ class Trainer:
             self.clock.observe_samples(seconds)
         if out is not None:
             self.metrics.event("samples_written", step=self.state.step, grid=str(out), seconds=round(seconds, 3))
+            self.metrics.image("samples", self.state.step, out)
         return out
 
     # ----- one optimizer step
@@ -358,6 +359,8 @@ class Trainer:
         self.clock = JobClock(m, past, read_jsonl(self.run_dir / "metrics.jsonl"), self.env.world_size,
                               float(job_start or time.time()), under_slurm)
         self.metrics.segment_start(self.env, self.device, st.step, job_start)
+        if self.env.is_main:
+            self.metrics.track(tracking.trackers(self.run_dir, m, st.step))
         self.budget_outlook()
         if m.budget.policy in ("finish_stages", "extend_last_stage"):
             self.resplit_stages()
@@ -402,6 +405,7 @@ class Trainer:
     def end_segment(self, reason: str, step: int) -> None:
         """The ledger's segment_end, with this job's monotonic seconds since its allocation (what billing uses)."""
         self.metrics.event("segment_end", reason=reason, step=step, elapsed_s=round(self.clock.elapsed(), 3))
+        self.metrics.close()
 
     def finish(self) -> str:
         """The end of the job after its final save: the samples, the log line. -> the segment's end reason."""

@@ -65,7 +65,8 @@ def over(ev: list[dict]) -> bool:
 @pytest.fixture(scope="module")
 def runs(slurm_cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm-e2e")
-    full = start(base, "e2e-full", slurm_cluster.env, f"stages[0].steps={FULL_STEPS[0]}", f"stages[1].steps={FULL_STEPS[1]}")
+    full = start(base, "e2e-full", slurm_cluster.env, f"stages[0].steps={FULL_STEPS[0]}", f"stages[1].steps={FULL_STEPS[1]}",
+                 "logging.tensorboard=true")
     yield {"base": base, "full": full, "env": slurm_cluster.env}
     for run_dir in base.iterdir():  # leave nothing queued for the next module
         if not over(events(run_dir)) and not any(e["event"] == "cancel_requested" for e in events(run_dir)):
@@ -277,6 +278,13 @@ def test_the_full_run_goes_through_every_stage_across_requeued_jobs(runs):
         assert nxt["step"] == prev_end["step"]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and all(b - a == 25 for a, b in zip(steps, steps[1:]))
+    # TensorBoard: one run across the requeued jobs (an event file per job), each step once, in order
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == len(restarts)
+    assert [e.step for e in acc.Scalars("train/loss")] == steps
     # the ledger's billed GPU-seconds against Slurm's accounting: within 2%
     for _ in range(60):  # the job ends a moment after its last event: wait for sacct's end time
         records = sacct(sorted(job_ids), runs["env"])
