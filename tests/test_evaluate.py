@@ -137,6 +137,14 @@ def test_held_out_is_a_stable_seeded_fraction():
                                                                  154, 156, 163, 174, 188, 194, 199]
 
 
+def test_the_data_reader_can_import_held_out_without_the_feature_libraries():
+    code = ("import sys; from pixeldiff.evaluate import held_out, training_holdout; "
+            "print([m for m in ('torchmetrics', 'torch_fidelity', 'open_clip', 'timm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_training_holdout_only_when_the_training_shards_give_the_reference():
     shards = {"source": "webdataset", "shards": "/data/train-{000..009}.tar"}
     assert training_holdout(manifest({"holdout": 0.02, "holdout_seed": 3}, data=shards)) == (0.02, 3)
