@@ -250,8 +250,8 @@ class LoggingConfig:
 
 
 EVAL_METRICS = ("fid", "cmmd", "clip_score", "dino_mmd")
-# torch-fidelity's Inception (the TF FID graph's weights in PyTorch; pytorch-fid calls the same file
-# pt_inception-2015-12-05-6726825d.pth)
+# torch-fidelity's Inception (the TF FID graph's weights in PyTorch; pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+# carries the same hash suffix, not checked here to be the same bytes)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 

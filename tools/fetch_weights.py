@@ -23,7 +23,7 @@ Files
            log in (`huggingface-cli login`) first.
     inception  https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth
            torch-fidelity's Inception (FID, eval.inception; pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-           holds the same network)
+           has the same hash suffix: the same TF graph, not checked here to be the same bytes)
     clip   <model>-<pretrained>.pth: the open_clip state dict of `--clip-model` (default
            ViT-L-14-336-quickgelu: OpenAI's ViT-L/14 at 336 px, which needs QuickGELU) with
            `--clip-pretrained` weights (default openai), fetched by open_clip (CMMD and CLIP score,
