@@ -249,6 +249,54 @@ class LoggingConfig:
     tensorboard: bool = False  # rank 0 also writes TensorBoard events to RUN_DIR/tensorboard/ (one run across jobs)
 
 
+EVAL_METRICS = ("fid", "cmmd", "clip_score", "dino_mmd")
+# torch-fidelity's Inception (the TF FID graph's weights in PyTorch; pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+# carries the same hash suffix, not checked here to be the same bytes)
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@dataclass
+class EvalInceptionConfig:
+    weights: Optional[str] = None  # torch-fidelity's Inception state dict (INCEPTION_FILE): local path or s3:// URL
+
+
+@dataclass
+class EvalClipConfig:
+    model: str = "ViT-L-14-336-quickgelu"  # an open_clip model name (OpenAI weights need -quickgelu), or a .json config
+    weights: Optional[str] = None  # its open_clip state dict: local path or s3:// URL
+
+
+@dataclass
+class EvalDinoConfig:
+    net: Optional[str] = None  # a timm model name; null = losses.dino.net
+    weights: Optional[str] = None  # null = losses.dino.weights (when net is that network)
+    resolution: Optional[int] = None  # images resized to this side; null = losses.dino.resolution
+
+
+@dataclass
+class EvalConfig:
+    """Quality metrics on a held-out set (pixeldiff/evaluate.py, docs/evaluation.md). A manifest without an `eval`
+    section does not evaluate; a section given is on unless it says `enabled: false`."""
+
+    enabled: bool = True
+    interval_steps: int = 0  # every this many steps; 0 = only at each stage's end and the run's end
+    samples: int = 10_000  # generated (and reference) images per evaluation; PRX: 10k
+    sampling_steps: int = 50
+    cfg: float = 3.5  # guidance scale of the generation
+    batch: int = 32  # per-rank batch for generation and feature extraction
+    shards: Union[str, list[str], None] = None  # held-out image+caption shards (the data.shards formats)
+    holdout: float = 0.01  # no eval.shards: this fraction of the training keys (by key hash) is held out of training
+    holdout_seed: int = 0
+    metrics: list[Literal["fid", "cmmd", "clip_score", "dino_mmd"]] = field(default_factory=lambda: list(EVAL_METRICS))
+    antialias: bool = True  # antialiased resizes to each network's input size (torchmetrics' FID default)
+    # a metric whose network has no weights file: error (exit 2 before training), or random_features (a loud warning
+    # and a fixed-seed random convolutional network's features instead; clip_score is then null)
+    without_weights: Literal["error", "random_features"] = "error"
+    inception: EvalInceptionConfig = field(default_factory=EvalInceptionConfig)
+    clip: EvalClipConfig = field(default_factory=EvalClipConfig)
+    dino: EvalDinoConfig = field(default_factory=EvalDinoConfig)
+
+
 @dataclass
 class Manifest:
     name: str
@@ -263,6 +311,7 @@ class Manifest:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(enabled=False))  # no section: off
     seed: int = 0
 
     @property
@@ -559,6 +608,7 @@ def validate(m: Manifest) -> None:
     if not dn.net.strip():
         raise ConfigError("losses.dino.net: give a timm model name, e.g. vit_base_patch14_reg4_dinov2")
     validate_recipe(m, mc)
+    validate_eval(m)
 
 
 def validate_recipe(m: Manifest, mc: ModelConfig) -> None:
@@ -592,6 +642,48 @@ def validate_recipe(m: Manifest, mc: ModelConfig) -> None:
     if m.logging.sample_guidance == "self" and tr.ratio <= 0:
         raise ConfigError("logging.sample_guidance: 'self' guides with the dense vs the routed prediction, which "
                           "needs tread.ratio > 0; use 'cfg' for a model trained without TREAD")
+
+
+def _weights_spec_ok(spec: Optional[str]) -> bool:
+    scheme = spec.split("://", 1)[0] if spec and "://" in spec else ""
+    return spec is None or (bool(spec.strip()) and scheme in ("", "s3", "file"))
+
+
+def validate_eval(m: Manifest) -> None:
+    """The eval section (checked even when it is off, so that switching it on later cannot fail)."""
+    e = m.eval
+    _require("eval.interval_steps", e.interval_steps, e.interval_steps >= 0, ">= 0 (0: at stage ends and the run's end)")
+    if e.samples < 2:
+        raise ConfigError(f"eval.samples: must be >= 2 (FID needs two images of each set; PRX uses 10000), "
+                          f"got {e.samples}")
+    _require("eval.sampling_steps", e.sampling_steps, e.sampling_steps > 0, "> 0 sampler steps")
+    _require("eval.cfg", e.cfg, e.cfg >= 0, ">= 0 (the guidance scale; PRX: 3.5)")
+    _require("eval.batch", e.batch, e.batch >= 1, ">= 1 image per rank")
+    if not 0 <= e.holdout < 1:
+        raise ConfigError(f"eval.holdout: the fraction of training keys held out must be in [0, 1), got {e.holdout}")
+    if not e.metrics:
+        raise ConfigError(f"eval.metrics: give at least one of {', '.join(EVAL_METRICS)} (or eval.enabled: false)")
+    if len(set(e.metrics)) != len(e.metrics):
+        raise ConfigError(f"eval.metrics: {e.metrics} names a metric twice")
+    if isinstance(e.shards, list) and not e.shards or isinstance(e.shards, str) and not e.shards.strip():
+        raise ConfigError("eval.shards: empty; give held-out shards (e.g. s3://bucket/eval-{000..009}.tar) or null "
+                          "to hold out eval.holdout of the training keys")
+    if e.enabled and e.shards is None and m.data.source == "webdataset" and e.holdout <= 0:
+        raise ConfigError("eval.holdout: 0 holds nothing out of training, so there is no reference set; give "
+                          "eval.shards (held-out shards) or a holdout fraction such as 0.01")
+    for key in ("inception", "clip", "dino"):
+        spec = getattr(e, key).weights
+        if not _weights_spec_ok(spec):
+            raise ConfigError(f"eval.{key}.weights: {spec!r} must be a local path or an s3:// URL (or null)")
+    if not e.clip.model.strip():
+        raise ConfigError("eval.clip.model: give an open_clip model name (e.g. ViT-L-14-336-quickgelu) or the path "
+                          "of an open_clip model config (.json)")
+    if e.dino.net is not None and not e.dino.net.strip():
+        raise ConfigError("eval.dino.net: give a timm model name (e.g. vit_base_patch14_reg4_dinov2) or null for "
+                          "losses.dino.net")
+    if e.dino.resolution is not None and e.dino.resolution <= 0:
+        raise ConfigError(f"eval.dino.resolution: must be > 0 (or null for losses.dino.resolution), "
+                          f"got {e.dino.resolution}")
 
 
 def validate_muon(o: OptimizerConfig) -> None:

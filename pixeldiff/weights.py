@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from pixeldiff.config import ConfigError, Manifest
+from pixeldiff.config import INCEPTION_FILE, ConfigError, Manifest
 
 
 def cache_dir() -> Path:
@@ -116,9 +116,103 @@ def random_init_warning(name: str, cfg) -> str:
             f"fetch the weights with tools/fetch_weights.py and set losses.{name}.weights")
 
 
+# ------------------------------------------------------------------ evaluation networks
+
+EVAL_NETWORK = {"fid": "inception", "cmmd": "clip", "clip_score": "clip", "dino_mmd": "dino"}  # metric -> network
+_EVAL_FILE = {"inception": f"torch-fidelity's Inception ({INCEPTION_FILE})", "clip": "the CLIP weights",
+              "dino": "the DINO weights"}
+
+
+def eval_networks(m: Manifest) -> dict[str, dict]:
+    """The frozen networks the enabled eval metrics need: {network: {net, weights, key, metrics[, resolution]}},
+    `weights` the manifest's spec or None, `key` the field that names it. eval.dino inherits losses.dino's network,
+    resolution and (for that network) weights file."""
+    e, out = m.eval, {}
+    if not e.enabled:
+        return out
+    for metric in e.metrics:
+        net = EVAL_NETWORK[metric]
+        if net not in out:
+            if net == "inception":
+                out[net] = {"net": "inception-v3-compat", "weights": e.inception.weights, "key": "eval.inception.weights"}
+            elif net == "clip":
+                out[net] = {"net": e.clip.model, "weights": e.clip.weights, "key": "eval.clip.weights"}
+            else:
+                name = e.dino.net or m.losses.dino.net
+                inherit = e.dino.weights is None and name == m.losses.dino.net and m.losses.dino.weights is not None
+                out[net] = {"net": name, "weights": m.losses.dino.weights if inherit else e.dino.weights,
+                            "key": "losses.dino.weights" if inherit else "eval.dino.weights",
+                            "resolution": e.dino.resolution or m.losses.dino.resolution}
+            out[net]["metrics"] = []
+        out[net]["metrics"].append(metric)
+    return out
+
+
+def missing_eval_weights(net: str, info: dict) -> str:
+    """The message for an enabled metric whose network has no weights file (the error, or the warning's start)."""
+    metrics = info["metrics"]
+    names = " and ".join(repr(x) for x in metrics)
+    return (f"eval.{net}.weights: {'metric' if len(metrics) == 1 else 'metrics'} {names} need{'s' if len(metrics) == 1 else ''} "
+            f"{_EVAL_FILE[net]} and none is given; fetch them with tools/fetch_weights.py --nets {net} and set "
+            f"eval.{net}.weights{' (or losses.dino.weights)' if net == 'dino' else ''}, or set "
+            f"eval.without_weights: random_features (features of a random network, comparable only to themselves), "
+            f"or remove {names} from eval.metrics")
+
+
+def random_features_warning(net: str, info: dict) -> str:
+    what = "clip_score is null and " if "clip_score" in info["metrics"] else ""
+    image = [x for x in info["metrics"] if x != "clip_score"]
+    sub = f"{' and '.join(image)} use{'s' if len(image) == 1 else ''} a fixed-seed random convolutional network's " \
+          f"features instead" if image else ""
+    return (f"eval.{net}.weights: none given and eval.without_weights is random_features: {what}{sub}; these "
+            f"numbers are comparable only to each other, not to any published one; fetch the weights with "
+            f"tools/fetch_weights.py --nets {net}")
+
+
+def eval_preflight(m: Manifest) -> list[str]:
+    """The eval networks' checks before anything starts: a metric without weights is an error (or a warning with
+    eval.without_weights: random_features), local files exist, the model names are known. -> warnings."""
+    out = []
+    for net, info in eval_networks(m).items():
+        if info["weights"] is None:
+            if m.eval.without_weights == "error":
+                raise ConfigError(missing_eval_weights(net, info))
+            out.append(random_features_warning(net, info))
+            continue
+        if not info["weights"].startswith("s3://"):
+            resolve_weights(info["weights"], info["key"])
+        if net == "dino":
+            import timm
+
+            if not timm.is_model(info["net"]):
+                raise ConfigError(f"eval.dino.net: {info['net']!r} is not a timm model name "
+                                  f"(e.g. vit_base_patch14_reg4_dinov2)")
+        if net == "clip":
+            clip_model_name(info["net"])
+    return out
+
+
+def clip_model_name(model: str) -> str:
+    """eval.clip.model -> an open_clip model name, registering a .json model config file first."""
+    import open_clip
+
+    if model.endswith(".json"):
+        path = _local_path(model)
+        if not path.is_file():
+            raise ConfigError(f"eval.clip.model: no such open_clip model config {str(path)!r}; give an open_clip "
+                              f"model name (e.g. ViT-L-14-336-quickgelu) or an existing .json config")
+        open_clip.add_model_config(path)
+        model = path.stem
+    if model not in open_clip.list_models():
+        raise ConfigError(f"eval.clip.model: {model!r} is not an open_clip model "
+                          f"(e.g. ViT-L-14-336-quickgelu, the OpenAI ViT-L/14 at 336 px with QuickGELU)")
+    return model
+
+
 def preflight(m: Manifest) -> list[str]:
     """Checks that need no network, for `plan` and `run` before anything starts: local weights files exist and the
-    DINO model name is known. s3:// files are checked when the job starts. -> warnings (random init)."""
+    DINO model name is known; the same for the eval networks (`eval_preflight`). s3:// files are checked when the
+    job starts. -> warnings (random init)."""
     out = []
     for name in ("lpips", "dino", "repa"):
         cfg = getattr(m.losses, name)
@@ -135,6 +229,6 @@ def preflight(m: Manifest) -> list[str]:
 
             if not timm.is_model(cfg.net):
                 raise ConfigError(f"losses.{name}.net: {cfg.net!r} is not a timm model name (e.g. {example})")
-    return out
+    return out + eval_preflight(m)
 
 

@@ -223,6 +223,30 @@ CASES = [
     # read_yaml drops the YAML error's context: today the whole message is "but found another document"
     ("yaml-two-docs", MINIMAL + "---\nname: u\n",
      r"^{file}, line 5, column 1: invalid YAML: expected a single document in the stream"),
+    # eval (issue 16)
+    ("eval-unknown", MINIMAL + "eval: {sampels: 10}\n",
+     r"^unknown key 'eval\.sampels'; valid keys in eval: enabled, interval_steps, samples, sampling_steps, "),
+    ("eval-samples", MINIMAL + "eval: {samples: 1}\n",
+     r"^eval\.samples: must be >= 2 \(FID needs two images of each set; PRX uses 10000\), got 1$"),
+    ("eval-metric-unknown", MINIMAL + "eval: {metrics: [fid, isc]}\n",
+     r"^eval\.metrics\[1\]: expected one of 'fid' \| 'cmmd' \| 'clip_score' \| 'dino_mmd', got 'isc'$"),
+    ("eval-metrics-empty", MINIMAL + "eval: {metrics: []}\n",
+     r"^eval\.metrics: give at least one of fid, cmmd, clip_score, dino_mmd \(or eval\.enabled: false\)$"),
+    ("eval-metrics-twice", MINIMAL + "eval: {metrics: [fid, fid]}\n", r"^eval\.metrics: \['fid', 'fid'\] names a metric twice$"),
+    ("eval-holdout", MINIMAL + "eval: {holdout: 1.5}\n",
+     r"^eval\.holdout: the fraction of training keys held out must be in \[0, 1\), got 1\.5$"),
+    ("eval-holdout-zero", MINIMAL + "data: {source: webdataset, shards: 'd/train-{0..9}.tar'}\neval: {holdout: 0}\n",
+     r"^eval\.holdout: 0 holds nothing out of training, so there is no reference set; give eval\.shards"),
+    ("eval-shards-empty", MINIMAL + "eval: {shards: []}\n", r"^eval\.shards: empty; give held-out shards"),
+    ("eval-weights-url", MINIMAL + "eval: {clip: {weights: 'http://x/y.pth'}}\n",
+     r"^eval\.clip\.weights: 'http://x/y\.pth' must be a local path or an s3:// URL \(or null\)$"),
+    ("eval-without-weights", MINIMAL + "eval: {without_weights: random}\n",
+     r"^eval\.without_weights: expected one of 'error' \| 'random_features', got 'random'$"),
+    ("eval-batch", MINIMAL + "eval: {batch: 0}\n", r"^eval\.batch: must be >= 1 image per rank, got 0$"),
+    ("eval-steps", MINIMAL + "eval: {sampling_steps: 0}\n", r"^eval\.sampling_steps: must be > 0 sampler steps, got 0$"),
+    ("eval-interval", MINIMAL + "eval: {interval_steps: -1}\n", r"^eval\.interval_steps: must be >= 0 \(0: at stage ends"),
+    ("eval-dino-resolution", MINIMAL + "eval: {dino: {resolution: 0}}\n", r"^eval\.dino\.resolution: must be > 0"),
+    ("eval-off", MINIMAL + "eval: {enabled: false, samples: 100}\n", None),  # valid: off, nothing needs weights
 ]
 
 

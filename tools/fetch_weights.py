@@ -1,6 +1,7 @@
-"""Fetch the frozen weights of the perceptual losses, once, on a machine with internet access.
+"""Fetch the frozen weights of the perceptual losses and the evaluation, once, on a machine with internet access.
 
     python tools/fetch_weights.py --out weights/                       # VGG16 (LPIPS), DINOv2 ViT-B/14-reg, DINOv3 ViT-L/16
+    python tools/fetch_weights.py --out weights/ --nets inception,clip # FID's Inception, CLIP ViT-L/14-336 (eval)
     python tools/fetch_weights.py --out weights/ --upload s3://bucket/pixeldiff/weights [--endpoint-url URL]
     python tools/fetch_weights.py --out weights/ --nets alex,dino --dino-model vit_small_patch14_reg4_dinov2
     python tools/fetch_weights.py --dry-run --upload s3://bucket/w   # print what it would do; no network
@@ -20,8 +21,17 @@ Files
            REPA's teacher, losses.repa) built with num_classes=0, fetched by timm from the Hugging
            Face hub; DINOv3 weights are gated there: accept Meta's licence on the model page and
            log in (`huggingface-cli login`) first.
-    The torchvision files are checked against the SHA-256 prefix in their names; every file
-    is loaded back (torch.load weights_only=True) and checked the way the trainer loads it.
+    inception  https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth
+           torch-fidelity's Inception (FID, eval.inception; pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+           has the same hash suffix: the same TF graph, not checked here to be the same bytes)
+    clip   <model>-<pretrained>.pth: the open_clip state dict of `--clip-model` (default
+           ViT-L-14-336-quickgelu: OpenAI's ViT-L/14 at 336 px, which needs QuickGELU) with
+           `--clip-pretrained` weights (default openai), fetched by open_clip (CMMD and CLIP score,
+           eval.clip). The DINO-MMD of the evaluation uses the dino file above (eval.dino
+           defaults to losses.dino).
+    The torchvision files are checked against the SHA-256 prefix in their names (the Inception's
+    is printed, and a mismatch warned about); every file is loaded back (torch.load
+    weights_only=True) and checked the way the trainer loads it.
     Downloads go to a temporary name and are renamed when complete; an existing good file is
     kept. The LPIPS linear layers need no download: they ship inside the `lpips` package.
 
@@ -50,7 +60,8 @@ TORCHVISION = {
     "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
     "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
 }
-NETS = ("vgg", "alex", "dino", "repa")
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+NETS = ("vgg", "alex", "dino", "repa", "inception", "clip")
 
 
 class FetchError(Exception):
@@ -62,10 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("--out", default="weights", help="local folder for the files (default: ./weights)")
-    ap.add_argument("--nets", default="vgg,dino,repa", help="comma-separated, of: vgg, alex, dino, repa (default: vgg,dino,repa)")
+    ap.add_argument("--nets", default="vgg,dino,repa",
+                    help="comma-separated, of: vgg, alex, dino, repa, inception, clip (default: vgg,dino,repa)")
     ap.add_argument("--dino-model", default="vit_base_patch14_reg4_dinov2", help="timm model name (losses.dino.net)")
     ap.add_argument("--dino-resolution", type=int, default=224, help="image side the DINO loss uses (losses.dino.resolution)")
     ap.add_argument("--repa-model", default="vit_large_patch16_dinov3", help="timm model name (losses.repa.net)")
+    ap.add_argument("--clip-model", default="ViT-L-14-336-quickgelu", help="open_clip model name (eval.clip.model)")
+    ap.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag of --clip-model")
     ap.add_argument("--upload", metavar="S3_PREFIX", help="also upload to s3://bucket/prefix")
     ap.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, ...)")
     ap.add_argument("--profile", help="AWS profile")
@@ -82,9 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.upload = args.upload.rstrip("/")
     if args.dino_resolution <= 0:
         ap.error(f"--dino-resolution: must be > 0, got {args.dino_resolution}")
-    for flag in ("dino_model", "repa_model"):
+    for flag in ("dino_model", "repa_model", "clip_model", "clip_pretrained"):
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", getattr(args, flag)):
-            ap.error(f"--{flag.replace('_', '-')}: {getattr(args, flag)!r} is not a timm model name")
+            ap.error(f"--{flag.replace('_', '-')}: {getattr(args, flag)!r} is not a model name")
     if (args.endpoint_url or args.profile) and not args.upload:
         ap.error("--endpoint-url/--profile only apply with --upload")
     return args
@@ -95,6 +109,10 @@ def file_name(net: str, args) -> str:
         return TORCHVISION[net].rsplit("/", 1)[-1]
     if net == "repa":
         return f"{args.repa_model}.pth"
+    if net == "inception":
+        return INCEPTION_URL.rsplit("/", 1)[-1]
+    if net == "clip":
+        return f"{args.clip_model}-{args.clip_pretrained}.pth"
     return f"{args.dino_model}-{args.dino_resolution}.pth"
 
 
@@ -110,6 +128,16 @@ def manifest_lines(locations: dict[str, str], args) -> str:
                   f"    weights: {locations['dino']}"]
     if "repa" in locations:
         lines += ["  repa:", f"    net: {args.repa_model}", f"    weights: {locations['repa']}"]
+    if len(lines) == 1:
+        lines = []
+    if "inception" in locations or "clip" in locations:
+        lines.append("eval:")
+        if "inception" in locations:
+            lines += ["  inception:", f"    weights: {locations['inception']}"]
+        if "clip" in locations:
+            lines += ["  clip:", f"    model: {args.clip_model}", f"    weights: {locations['clip']}"]
+        if "dino" in locations:
+            lines.append("  # dino: the losses.dino network and file above (eval.dino.net/weights to change it)")
     return "\n".join(lines)
 
 
@@ -169,6 +197,61 @@ def fetch_torchvision(net: str, out: Path) -> Path:
     download(TORCHVISION[net], dest)
     check_torchvision(net, dest)
     print(f"{net}: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), SHA-256 {sha256(dest)[:16]}...")
+    return dest
+
+
+def check_inception(path: Path) -> None:
+    from pixeldiff.evaluate import inception_fid
+
+    prefix = expected_prefix(path.name)
+    digest = sha256(path)
+    if prefix and not digest.startswith(prefix):
+        print(f"inception: warning: {path} SHA-256 {digest[:16]}... does not start with {prefix}", file=sys.stderr)
+    inception_fid(path, str(path), str(path))
+
+
+def fetch_inception(out: Path) -> Path:
+    dest = out / file_name("inception", None)
+    if dest.is_file():
+        try:
+            check_inception(dest)
+            print(f"inception: {dest} already present and good")
+            return dest
+        except Exception as e:  # noqa: BLE001 - any problem: fetch it again
+            print(f"inception: {dest} present but unusable ({e}); fetching again")
+    print(f"inception: downloading {INCEPTION_URL}")
+    download(INCEPTION_URL, dest)
+    check_inception(dest)
+    print(f"inception: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), SHA-256 {sha256(dest)[:16]}...")
+    return dest
+
+
+def fetch_clip(args, out: Path) -> Path:
+    import torch
+
+    try:
+        import open_clip
+    except ImportError:
+        raise FetchError("clip: needs open_clip (pip install open_clip_torch==3.3.0)") from None
+    from pixeldiff.evaluate import ClipNet
+
+    dest = out / file_name("clip", args)
+    if not dest.is_file():
+        print(f"clip: open_clip.create_model({args.clip_model!r}, pretrained={args.clip_pretrained!r})")
+        try:
+            model = open_clip.create_model(args.clip_model, pretrained=args.clip_pretrained)
+        except Exception as e:  # noqa: BLE001 - hub, network or name problems
+            raise FetchError(f"clip: open_clip could not fetch {args.clip_model} {args.clip_pretrained}: "
+                             f"{type(e).__name__}: {e}") from None
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+        try:
+            torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    ClipNet(args.clip_model, dest, str(dest), str(dest), torch.device("cpu"), True)
+    print(f"clip: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), loads strictly into open_clip {args.clip_model}")
     return dest
 
 
@@ -249,6 +332,10 @@ def main(argv=None) -> int:
             model, kwargs = timm_build(net, args)
             source = TORCHVISION.get(net) or (f"timm.create_model({model!r}, pretrained=True, "
                                               f"{', '.join(f'{k}={v}' for k, v in kwargs.items())})  (Hugging Face hub)")
+            if net == "inception":
+                source = INCEPTION_URL
+            elif net == "clip":
+                source = f"open_clip.create_model({args.clip_model!r}, pretrained={args.clip_pretrained!r})"
             print(f"would fetch {net}: {source}\n    -> {out / name}")
             if args.upload:
                 print(f"    -> {args.upload}/{name}")
@@ -259,7 +346,14 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         locations = {}
         for net in args.nets:
-            path = fetch_timm(net, args, out) if net in ("dino", "repa") else fetch_torchvision(net, out)
+            if net in ("dino", "repa"):
+                path = fetch_timm(net, args, out)
+            elif net == "inception":
+                path = fetch_inception(out)
+            elif net == "clip":
+                path = fetch_clip(args, out)
+            else:
+                path = fetch_torchvision(net, out)
             locations[net] = upload(path, args) if args.upload else str(path.resolve())
     except FetchError as e:
         print(f"error: {e}", file=sys.stderr)
