@@ -4,6 +4,7 @@
     pixeldiff-launch run    MANIFEST [--local] [--detach] [--plain] [--runs-dir DIR] [--set key=value ...]
     pixeldiff-launch status RUN_DIR [--json]
     pixeldiff-launch watch  RUN_DIR [--once]
+    pixeldiff-launch eval   RUN_DIR [--checkpoint step-N] [--samples N]
     pixeldiff-launch cancel RUN_DIR [--wait SECONDS]
 
 Exit codes: 0 done, 2 bad input (message says what and how to fix), 128+N when a
@@ -215,6 +216,28 @@ def cmd_run(args) -> int:
     return exit_code(reason)
 
 
+def cmd_eval(args) -> int:
+    """One evaluation of a checkpoint, in this process (one GPU or the CPU), whatever the run's backend."""
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "manifest.yaml").exists():
+        raise UsageError(f"{run_dir} is not a run directory (no manifest.yaml); give the path printed by `run`")
+    if args.samples is not None and args.samples < 2:
+        raise UsageError(f"--samples: at least 2 images, got {args.samples}")
+    from pixeldiff.checkpoint import CheckpointError, StorageError
+    from pixeldiff.shards import DataError
+    from pixeldiff.train import evaluate_checkpoint
+
+    try:
+        rec = evaluate_checkpoint(run_dir, args.checkpoint, args.samples, log=lambda s: print(s, flush=True))
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    except (DataError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("preprocess",)}))
+    return 0
+
+
 def cmd_cancel(args) -> int:
     from launcher.policy import submitted_jobs
     from launcher.rundir import events_of, ledger_path
@@ -301,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "dict per logging interval) instead of the live dashboard")
     p.add_argument("--runs-dir", default="runs", help="where run directories live (default: ./runs)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint of a run (FID, CMMD, ...; eval.jsonl), on this machine")
+    p.add_argument("run_dir", help="the run directory (runs/<name>)")
+    p.add_argument("--checkpoint", metavar="step-N", help="which checkpoint (default: the newest valid one)")
+    p.add_argument("--samples", type=int, help="images to generate and compare (default: the manifest's eval.samples)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cancel", help="ask a Slurm run to checkpoint and stop, then cancel its jobs")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")

@@ -147,9 +147,22 @@ def losses(s: dict, width: int) -> list[Text]:
             _line(f"     {parts}  lr {num(lt['lr'], '.3g')}  grad norm {num(lt['grad_norm'], '.3g')}")]
 
 
+def evaluation(s: dict, width: int) -> list[Text]:
+    """The newest evaluation (eval.jsonl) with a sparkline per metric over the run's evaluations; nothing when the
+    run has none."""
+    ev = s.get("eval") or {}
+    last = ev.get("latest")
+    if not last:
+        return []
+    spark_w = max(4, min(16, (width - 30) // max(1, len(ev["history"])) - 12))
+    parts = [f"{k} {last[k]:.4g} {sparkline([v for _, v in ev['history'][k]], spark_w)}" for k in ev["history"]
+             if isinstance(last.get(k), (int, float))]
+    return [_line(f"eval  step {last['step']} ({last.get('stage')}): ", "  ".join(parts))]
+
+
 def goodput(s: dict) -> list[Text]:
     b = s["goodput_breakdown"]
-    names = [("startup", "start-up"), ("checkpoint", "ckpt"), ("sampling", "sampling"), ("lost", "lost"),
+    names = [("startup", "start-up"), ("checkpoint", "ckpt"), ("evaluation", "eval"), ("sampling", "sampling"), ("lost", "lost"),
              ("idle", "idle"), ("other", "other")]
     rest = "  ".join(f"{label} {b[k] * 100:.1f}%" for k, label in names if abs(b[k]) >= 0.0005)
     return [_line(Text(f"goodput {s['goodput'] * 100:.1f}%", style="bold"), f"  {rest}")]
@@ -177,7 +190,7 @@ def frame_lines(s: dict, width: int, height: int) -> list[Text]:
     """All lines of one frame, at most `height`: the fixed sections first, then jobs and events share the rest."""
     notices = [_line(f"! {n}", style="bold yellow") for n in s["notices"]]
     sample = [_line(f"sample: {s['newest_sample'] or '(none yet)'}", style="dim")]
-    fixed = header(s) + budget(s, width) + stages(s, width) + losses(s, width) + goodput(s)
+    fixed = header(s) + budget(s, width) + stages(s, width) + losses(s, width) + evaluation(s, width) + goodput(s)
     room = height - len(fixed) - len(notices) - len(sample)
     job_rows = min(len(s["jobs"]) + 1, max(0, room // 3 + (1 if room >= 6 else 0))) if s["jobs"] else 0
     job_lines = jobs(s, job_rows, width)

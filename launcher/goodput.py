@@ -4,8 +4,9 @@ Goodput = GPU-seconds inside useful training steps / billed GPU-seconds. The res
 down as (all in GPU-seconds, summing to billed):
   startup     segment start (or sacct Start) -> the first step; runs with no segment at all
   checkpoint  `checkpoint_saved.seconds_blocked`
-  sampling    time between logged steps that is neither a step nor a checkpoint (sample
-              grids, logging, and the noise of the step-time estimate)
+  evaluation  `evaluated.seconds` (quality metrics: generation and features; eval.jsonl)
+  sampling    time between logged steps that is neither a step, a checkpoint nor an evaluation
+              (sample grids, logging, and the noise of the step-time estimate)
   lost        steps trained past the last checkpoint of a segment that then died, which the
               next segment trained again
   idle        the last logged step -> the segment's end (final save excluded; for a finished
@@ -41,7 +42,7 @@ def step_time_of(s: Segment) -> float:
 
 def goodput_breakdown(segs: list[Segment], unmatched_acct: list[AcctRecord], billed: float, now: float) -> dict:
     """GPU-seconds by where they went (keys in the module docstring); `goodput` = training / billed."""
-    parts = dict.fromkeys(("training", "startup", "checkpoint", "sampling", "lost", "idle"), 0.0)
+    parts = dict.fromkeys(("training", "startup", "checkpoint", "evaluation", "sampling", "lost", "idle"), 0.0)
     for k, s in enumerate(segs):
         g, end = s.gpus, s.end if s.end is not None else s.last_seen
         ckpt = [(t, b) for t, _, b in s.checkpoints]
@@ -56,7 +57,10 @@ def goodput_breakdown(segs: list[Segment], unmatched_acct: list[AcctRecord], bil
             else:
                 in_window = sum(b for t, b in ckpt if last_t < t <= r["time"])
                 steps_s = min(steps_s, wall)
-                parts["sampling"] += g * max(0.0, wall - steps_s - in_window)
+                between = max(0.0, wall - steps_s - in_window)
+                ev = min(between, sum(sec for t, sec in s.evaluations if last_t < t <= r["time"]))
+                parts["evaluation"] += g * ev
+                parts["sampling"] += g * (between - ev)
             train += steps_s
             last_t, last_step, last_dt = r["time"], int(r["step"]), dt_step
         if last_t is None:  # no metrics record: nothing measurable as training
@@ -69,7 +73,9 @@ def goodput_breakdown(segs: list[Segment], unmatched_acct: list[AcctRecord], bil
                 done = max(s.end_step if isinstance(s.end_step, int) else s.max_step, s.max_step) - last_step
                 tail_train = min(tail, max(0, done) * last_dt)
             train += tail_train
-            parts["idle"] += g * (tail - tail_train)
+            ev = min(tail - tail_train, sum(sec for t, sec in s.evaluations if t > last_t))  # the final evaluation
+            parts["evaluation"] += g * ev
+            parts["idle"] += g * (tail - tail_train - ev)
         # steps this segment trained past its last checkpoint, which the next segment trains again (or, for a
         # last segment that died without saving, which any resume would)
         redo = 0

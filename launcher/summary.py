@@ -26,6 +26,7 @@ from launcher.rundir import lock_held, lock_host, newest_sample, read_run
 from launcher.slurmview import RUNNING_STATES, SlurmPoller, SlurmView, last_line, match_acct, same_job, slurm_job_ids
 from launcher.state import ALIVE_S, TERMINAL, run_state
 from pixeldiff.billing import Segment, build_segments, close_segments, gpu_seconds_cap, run_started
+from pixeldiff.ledger import read_jsonl
 
 RECENT_EVENTS = 12
 LOSS_HISTORY = 60
@@ -97,6 +98,9 @@ def describe(e: dict) -> str:
         return f"warning: {e.get('message')}"
     if k == "samples_written":
         return f"samples at step {e.get('step')} ({e.get('seconds', 0):.1f} s)"
+    if k == "evaluated":
+        shown = " ".join(f"{m} {e[m]:.4g}" for m in EVAL_METRICS if isinstance(e.get(m), (int, float)))
+        return f"eval at step {e.get('step')}: {shown} ({e.get('seconds', 0):.1f} s)"
     fields = ", ".join(f"{a}={b}" for a, b in e.items() if a not in skip)
     return f"{k.replace('_', ' ')}: {fields}" if fields else k
 
@@ -105,6 +109,18 @@ def _current_step(events: list[dict], metrics: list[dict]) -> int:
     stamped = [(e["time"], e["step"]) for e in events if isinstance(e.get("step"), int)]
     stamped += [(r["time"], int(r["step"])) for r in metrics]
     return max(stamped)[1] if stamped else 0
+
+
+EVAL_METRICS = ("fid", "cmmd", "clip_score", "dino_mmd")
+
+
+def eval_summary(records: list[dict]) -> dict:
+    """eval.jsonl for the dashboard: the newest evaluation and each metric's history (oldest first)."""
+    last = records[-1] if records else None
+    return {"latest": None if last is None else {k: last.get(k) for k in ("step", "stage", "why", "samples", "seconds",
+                                                                              "features", *EVAL_METRICS) if k in last},
+            "history": {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+                        for k in EVAL_METRICS if any(isinstance(r.get(k), (int, float)) for r in records)}}
 
 
 def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = None) -> dict:
@@ -204,6 +220,7 @@ def summary(run_dir, slurm=None, now: float | None = None, live: bool | None = N
                           for e in [e for e in events if e["event"] not in ("heartbeat", "submission_started")][-RECENT_EVENTS:]],
         "last_heartbeat": max((e["time"] for e in events if e["event"] == "heartbeat"), default=None),
         "newest_sample": newest_sample(run.run_dir),
+        "eval": eval_summary(read_jsonl(run.run_dir / "eval.jsonl")),
         "latest": {"step": last.get("step"), "time": last.get("time"), "losses": losses, "lr": last.get("lr"),
                    "grad_norm": last.get("grad_norm"), "img_per_s": last.get("img_per_s")},
         "loss_history": [r.get("loss") for r in metrics[-LOSS_HISTORY:] if r.get("loss") is not None],

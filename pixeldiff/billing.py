@@ -34,7 +34,7 @@ RATE_RECORDS = 10  # metrics records behind a stage's recent rate
 
 # what a job's trainer writes while it lives (the signs of life that close a segment that died without an end)
 SEGMENT_EVENTS = ("segment_start", "heartbeat", "checkpoint_saved", "stage_change", "schedule_change", "warning",
-                  "samples_written", "budget_stop", "segment_end")
+                  "samples_written", "evaluated", "budget_stop", "segment_end")
 
 
 # ------------------------------------------------------------------ segments
@@ -56,6 +56,7 @@ class Segment:
     last_seen: float = 0.0  # last trainer event or metrics record
     max_step: int = 0
     checkpoints: list[tuple[float, int, float]] = field(default_factory=list)  # (time, step, seconds_blocked)
+    evaluations: list[tuple[float, float]] = field(default_factory=list)  # (time written, seconds)
     metrics: list[dict] = field(default_factory=list)
     acct: Any = None  # the job run's accounting record (slurm.types.AcctRecord), when the caller matched one
 
@@ -109,6 +110,8 @@ def build_segments(events: list[dict], metrics: list[dict]) -> list[Segment]:
             s.max_step = max(s.max_step, e["step"])
         if kind == "checkpoint_saved":
             s.checkpoints.append((float(e["time"]), int(e.get("step", 0)), float(e.get("seconds_blocked", 0.0) or 0.0)))
+        if kind == "evaluated":
+            s.evaluations.append((float(e["time"]), float(e.get("seconds", 0.0) or 0.0)))
         elif kind == "segment_end":
             s.end, s.end_source, s.end_reason = event_end(s, e), "segment_end", str(e.get("reason", ""))
             s.end_step = e.get("step")

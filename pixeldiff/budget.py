@@ -117,6 +117,7 @@ class JobClock:
         self.billed_before = billed_gpu_seconds(past)
         self.step_s, self.checkpoint_s = 0.0, 10.0  # 10 s until a save is measured
         self.samples_s = max([e.get("seconds", 0.0) for e in past if e["event"] == "samples_written"][-5:], default=0.0)
+        self.eval_s = max([e.get("seconds", 0.0) for e in past if e["event"] == "evaluated"][-5:], default=0.0)
         self._measured_save = False
         # start the margin from what earlier jobs measured, not from nothing: a job that starts with a few seconds
         # of budget left must see that it has none
@@ -144,6 +145,10 @@ class JobClock:
         """A sample grid's time: the final one must fit in the margin too."""
         self.samples_s = max(self.samples_s, seconds)
 
+    def observe_eval(self, seconds: float) -> None:
+        """An evaluation's time: one may come right before the stop (a stage's end), so the margin holds it too."""
+        self.eval_s = max(self.eval_s, seconds)
+
     def observe_save(self, write_s: float) -> None:
         """A finished save's write time (a final save is synchronous: it takes the whole write time)."""
         self.checkpoint_s = max(self.checkpoint_s if self._measured_save else 0.0, write_s)
@@ -156,7 +161,7 @@ class JobClock:
         """'deadline' or 'budget' when the job's end or the budget is within the margin, else None."""
         t = self.now() if now is None else now
         return self.limits.check(t, self.billed(now), self.step_s, self.checkpoint_s,
-                                 self.samples_s or self.samples_estimate())
+                                 (self.samples_s or self.samples_estimate()) + self.eval_s)
 
     def samples_estimate(self) -> float:
         """The final grid's time before one was measured: its forward passes (steps, x2 with guidance) over this

@@ -780,7 +780,7 @@ class CheckpointManager:
                            backoff_s=retry_backoff_s, log=log)
         self.saved_step: int | None = None
 
-    def choose(self, shapes: dict[str, tuple]) -> str | None:
+    def choose(self, shapes: dict[str, tuple], name: str | None = None) -> str | None:
         """Rank 0: the newest valid checkpoint that is whole and was written for this run (None: start afresh).
 
         A damaged one (a file missing or truncated, unreadable metadata or train state) is marked DAMAGED, loudly,
@@ -790,6 +790,15 @@ class CheckpointManager:
         if newest is None:
             return None
         valid, _ = list_checkpoints(self.root, self.storage_options)
+        if name is not None:  # that one checkpoint, or a refusal that lists the others
+            named = [p for p in valid if _name(p) == name]
+            if not named:
+                raise CheckpointError(f"no valid checkpoint {name} in {self.root}; there are: "
+                                      f"{', '.join(_name(p) for p in valid)}")
+            problem = check(named[0], self.manifest, shapes, self.storage_options)
+            if problem is not None:
+                raise CheckpointError(f"checkpoint {named[0]} cannot be read: {problem}")
+            return str(named[0])
         damaged = []
         for path in reversed(valid):
             problem = check(path, self.manifest, shapes, self.storage_options)
@@ -805,13 +814,14 @@ class CheckpointManager:
         raise CheckpointError(f"no checkpoint in {self.root} can be resumed: {'; '.join(damaged)}. Restore them "
                               f"from a copy, or move {self.root} aside to start the run afresh")
 
-    def restore(self) -> str | None:
-        """Load the latest valid checkpoint into every part (all ranks). -> its path, or None to start afresh."""
+    def restore(self, name: str | None = None) -> str | None:
+        """Load the latest valid checkpoint (or the one called `name`, e.g. step-00001000) into every part (all
+        ranks). -> its path, or None to start afresh."""
         choice = None
         if self.rank == 0:  # one decision for all ranks
             try:  # (the model's and EMA's shapes; the optimizer's state dict is made only to load into)
                 shapes = tensor_shapes({n: self.sharded[n].state_dict() for n in ("model", "ema") if n in self.sharded})
-                choice = ("ok", self.choose(shapes))
+                choice = ("ok", self.choose(shapes, name))
             except (CheckpointError, StorageError) as e:
                 choice = (type(e).__name__, str(e))
         kind, path = self.broadcast(choice)

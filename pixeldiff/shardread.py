@@ -40,6 +40,7 @@ class ReadOptions:
     caption_key: str = "txt"  # "txt", or "json:caption": a field of the .json member
     buckets: tuple = ()  # (h, w) sizes (`bucket_sizes`); () = one square bucket of `resolution`
     max_unreadable: float = 1.0  # fraction of a stream's shards per pass that may be given up on (data.max_bad_fraction)
+    holdout: tuple | None = None  # (fraction, seed): keys `evaluate.held_out` names are the eval set, never trained on
 
     @property
     def sizes(self) -> tuple:

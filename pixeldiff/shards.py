@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pixeldiff.evaluate import held_out
 from pixeldiff.shardlist import DataError, check_protocols, shard_list
 from pixeldiff.shardread import (BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, bucket_sizes, decode_sample,
                                  read_shard_raw)
@@ -166,6 +167,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
                                 f"{self.opt.max_unreadable:g} of them (e.g. {url}): not skipped further; check the "
                                 f"storage endpoint (data.s3.endpoint_url), the credentials and the network, then "
                                 f"run again to resume")
+                    continue
+                if self.opt.holdout is not None and held_out(item[0], *self.opt.holdout):
+                    k += 1  # held out for evaluation: counted in the shard's key index, never decoded or trained on
                     continue
                 yield (i, k, url, *item)
                 k += 1
@@ -337,8 +341,10 @@ def stop_workers(batches) -> None:
 class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 
-    def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False, patch: int = 1):
+    def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False, patch: int = 1,
+                 holdout: tuple | None = None):
         self.cfg, self.text_cfg, self.rank, self.world = data_cfg, text_cfg, rank, world
+        self.holdout = holdout  # (fraction, seed) of the keys held out for evaluation (evaluate.training_holdout)
         self.patch = patch  # bucket sides are multiples of the model's patch size
         self.workers = data_cfg.workers
         self.storage_options = storage_options(data_cfg.s3)
@@ -420,7 +426,7 @@ class ShardSource:
                           text_len=self.text_cfg.max_tokens if self.text_cfg.encoder == "precomputed" else 0,
                           text_dim=self.text_cfg.dim, caption_key=c.caption_key,
                           buckets=bucket_sizes(resolution, self.patch, c.max_aspect) if c.buckets == "aspect" else (),
-                          max_unreadable=c.max_bad_fraction)
+                          max_unreadable=c.max_bad_fraction, holdout=self.holdout)
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
                           self.storage_options, rotate=self.batches_seen % max(1, self.workers),
                           window=c.shuffle_buffer)

@@ -11,6 +11,7 @@ returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import torch
 from pixeldiff import checkpoint, distributed, tracking
 from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config, to_dict
+from pixeldiff.evaluate import training_holdout
 from pixeldiff.data import BatchSource, SyntheticSource, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
@@ -53,6 +55,24 @@ NAN_AT_STEP_ENV = "PIXELDIFF_TEST_NAN_AT_STEP"  # tests only: the loss of step N
 
 
 # ------------------------------------------------------------------ pieces
+
+
+def build_evaluator(m: Manifest, encoder, device: torch.device, log):
+    """The quality metrics' networks when the manifest evaluates (eval.enabled), else None. Its warnings (random
+    substitute features) are logged at every start."""
+    if not m.eval.enabled:
+        return None
+    from pixeldiff.evaluate import Evaluator
+    from pixeldiff.text import PromptTable
+
+    if isinstance(encoder, PromptTable):
+        raise ConfigError("eval: the held-out captions must be embedded to generate from them, and this run has "
+                          "only the grid prompts' embeddings (data.text.prompt_embeddings); set data.text.embedded_by "
+                          "to the encoder that made the shards' embeddings, or eval.enabled: false")
+    ev = Evaluator(m.eval, m, device, storage_options(m.data.s3), log=log)
+    for w in ev.warnings:
+        log(f"WARNING: {w}")
+    return ev
 
 
 def chunk_generator(seed: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -87,7 +107,7 @@ def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> B
     if m.data.source == "synthetic":
         return SyntheticSource(m.data.seed, env.rank, env.world_size)
     return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda",
-                       patch=resolve_model_config(m.model).patch_size)
+                       patch=resolve_model_config(m.model).patch_size, holdout=training_holdout(m))
 
 
 def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
@@ -176,6 +196,8 @@ class Trainer:
                            "python": platform.python_version(), "host": socket.gethostname()}
         self.ckpt = build_checkpoints(self)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.evaluator = build_evaluator(m, self.encoder, self.device, self.log)  # None: eval off
+        self.references: dict = {}  # resolution -> the held-out set's statistics (evaluate.Reference)
 
     def provenance_files(self) -> dict[str, bytes]:
         return {"manifest.yaml": dump_yaml(self.m).encode(), "provenance.json": json.dumps(self.provenance, indent=1).encode()}
@@ -214,6 +236,60 @@ class Trainer:
             self.metrics.event("samples_written", step=self.state.step, grid=str(out), seconds=round(seconds, 3))
             self.metrics.image("samples", self.state.step, out)
         return out
+
+    def evaluate(self, why: str, **extra) -> dict | None:
+        """The EMA's quality on the held-out set (every rank calls this; pixeldiff/evaluate.py, docs/evaluation.md):
+        eval.samples images generated from the held-out captions at the stage's resolution (eval.sampling_steps,
+        eval.cfg, the grids' guidance), split over the ranks by index, scored against the held-out images'
+        statistics (computed once per resolution and cached in RUN_DIR/eval/). Rank 0 appends the result to
+        eval.jsonl. Its time counts as evaluation in goodput and in the stop margin."""
+        if self.evaluator is None:
+            return None
+        from pixeldiff.evaluate import reference_batches, to_uint8
+        from pixeldiff.sample import grid_part
+
+        t0, e, st = time.perf_counter(), self.m.eval, self.state
+        stage = self.m.stages[st.stage]
+        res, opts = stage.resolution, storage_options(self.m.data.s3)
+        ref = self.references.get(res)
+        if ref is None:
+            ref = self.evaluator.reference(reference_batches(self.m, res, storage_options=opts, log=self.log), res,
+                                           cache_dir=self.run_dir / "eval", storage_options=opts)
+            self.references[res] = ref
+        ema = self.ema.whole(lambda: PixelDiT(self.m.model, self.m.data.text.dim, **model_options(self.m, training=False)),
+                             self.device)
+        mine = ref.prompts(self.env.rank, self.env.world_size)
+        lg = self.m.logging
+
+        def generated():
+            for i in range(0, len(mine), e.batch):
+                idx, caps = [j for j, _ in mine[i:i + e.batch]], [c for _, c in mine[i:i + e.batch]]
+                with self.autocast:
+                    images = grid_part(ema, self.objective, self.encoder, ref.captions, res, idx, per_prompt=1,
+                                       steps=e.sampling_steps, cfg_scale=e.cfg, seed=self.m.seed + 1,
+                                       guidance=lg.sample_guidance, tread_ratio=self.m.tread.ratio)
+                yield to_uint8(images), caps
+
+        result = self.evaluator.score(generated(), ref)
+        seconds = time.perf_counter() - t0
+        rec = {"step": st.step, "stage": stage.name, "resolution": res, "why": why,
+               **{k: result.get(k) for k in e.metrics}, "samples": result["samples"],
+               "reference_samples": result["reference_samples"], "sampling_steps": e.sampling_steps, "cfg": e.cfg,
+               "guidance": lg.sample_guidance, "seconds": round(seconds, 3), "time": time.time(),
+               "features": result["features"], "preprocess": result["preprocess"], **extra}
+        if self.clock is not None:
+            self.clock.observe_eval(seconds)
+        if self.env.is_main:
+            with open(self.run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self.metrics.event("evaluated", step=st.step, stage=stage.name, seconds=rec["seconds"],
+                               **{k: rec[k] for k in e.metrics})
+            for t in self.metrics.trackers:
+                t.log("eval", st.step, rec)
+            shown = "  ".join(f"{k} {rec[k]:.4g}" for k in e.metrics if rec[k] is not None)
+            self.log(f"eval at step {st.step} ({stage.name}, {why}): {shown}  ({result['samples']} samples, "
+                     f"{seconds:.1f} s)")
+        return rec
 
     # ----- one optimizer step
 
@@ -319,6 +395,11 @@ class Trainer:
                 self.ckpt.save(st.step)
             if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
                 self.write_samples()
+            if self.evaluator is not None and st.step < self.schedule.total_steps:
+                if st.step in self.schedule.ends:
+                    self.evaluate("stage_end")
+                elif m.eval.interval_steps and st.step % m.eval.interval_steps == 0:
+                    self.evaluate("interval")
 
     def skipped(self) -> int:
         """Steps skipped in this job (read at logging intervals); the ledger hears of the first."""
@@ -423,6 +504,7 @@ class Trainer:
             self.log(f"stopped by {reason} at step {st.step}; run the same command again to resume")
             return reason
         grid = self.write_samples()
+        self.evaluate("end")
         self.log(f"finished at step {st.step}; samples: {grid}")
         return "finished"
 
@@ -461,6 +543,28 @@ class Trainer:
                  f"the budget")
         self.schedule = StageSchedule(tuple(ends))
         self.state.stage_ends = list(ends)
+
+
+def evaluate_checkpoint(run_dir: Path, name: str | None = None, samples: int | None = None, log=print) -> dict:
+    """`pixeldiff-launch eval`: one evaluation (the manifest's eval section, or its defaults; `samples` instead of
+    eval.samples) of a checkpoint of a run (`name`, e.g. step-00001000; default the newest), in this process, with
+    its EMA weights; appended to eval.jsonl with why "checkpoint". -> the record."""
+    run_dir = Path(run_dir)
+    env = distributed.env_from()
+    m = load_resolved(run_dir / "manifest.yaml")
+    distributed.init(env, distributed.pick_device(m.cluster.device, env), timeout_s=collective_timeouts(m)[0])
+    try:
+        t = Trainer(run_dir, env, log=log)
+        e = dataclasses.replace(t.m.eval, enabled=True, **({"samples": samples} if samples else {}))
+        t.m = dataclasses.replace(t.m, eval=e)
+        t.evaluator = build_evaluator(t.m, t.encoder, t.device, t.log)
+        path = t.ckpt.restore(name)
+        if path is None:
+            raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint yet: nothing to evaluate")
+        log(f"evaluating {path} (step {t.state.step}, stage {t.m.stages[t.state.stage].name}) on {e.samples} samples")
+        return t.evaluate("checkpoint", checkpoint=str(path).rstrip("/").rsplit("/", 1)[-1])
+    finally:
+        distributed.shutdown()
 
 
 def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:

@@ -119,7 +119,9 @@ def test_status_json_keys_and_exit_codes(name, capsys):
                 "stages", "ledger_vs_sacct_pct", "forecast", "notices"):
         assert key in s, key
     assert s["state"] == name
-    assert set(s["goodput_breakdown"]) == {"training", "startup", "checkpoint", "sampling", "lost", "idle", "other"}
+    assert set(s["goodput_breakdown"]) == {"training", "startup", "checkpoint", "evaluation", "sampling", "lost", "idle",
+                                           "other"}
+    assert s["eval"] == {"latest": None, "history": {}}  # the recorded runs did not evaluate
     for j in s["jobs"]:
         assert set(j) >= {"job_id", "state", "nodes", "elapsed_s", "time_left_s", "requeues", "last_end_reason"}
     for st in s["stages"]:
