@@ -348,7 +348,7 @@ def test_existing_manifests_keep_adamw(tmp_path):
 def test_a_short_dry_run_with_muon_learns(tmp_path):
     """manifests/dryrun.yaml (1.6M parameters, coloured shapes) with Muon, its first 240 steps at 32 px."""
     sets = ["optimizer.name=muon", "optimizer.muon_lr=1e-3", "stages[0].steps=240", "stages[1].steps=1",
-            "checkpoint.interval_steps=1000"]
+            "checkpoint.interval_steps=1000", "eval.enabled=false"]
     args = ["run", str(REPO / "manifests" / "dryrun.yaml"), "--runs-dir", str(tmp_path)]
     assert launch_main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
     rows = [r for r in read_jsonl(tmp_path / "dryrun" / "metrics.jsonl") if r["stage"] == "32px"]

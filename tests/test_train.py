@@ -239,9 +239,13 @@ def test_sample_command_writes_a_grid(write_manifest, tmp_path):
 def test_shipped_dryrun_manifest_runs_shortened(tmp_path):
     """The quick-start manifest itself, with fewer steps so the suite stays fast."""
     r = run_cli("launcher.cli", "run", str(REPO / "manifests" / "dryrun.yaml"), "--runs-dir", str(tmp_path),
-                "--set", "stages[0].steps=4", "--set", "stages[1].steps=2", "--set", "logging.sample_steps=2")
+                "--set", "stages[0].steps=4", "--set", "stages[1].steps=2", "--set", "logging.sample_steps=2",
+                "--set", "eval.samples=16", "--set", "eval.sampling_steps=2")
     assert r.returncode == 0, r.stdout + r.stderr
     run_dir = tmp_path / "dryrun"
+    evals = read_jsonl(run_dir / "eval.jsonl")  # its eval section: at the end of each stage
+    assert [(e["step"], e["why"], e["samples"]) for e in evals] == [(4, "stage_end", 16), (6, "end", 16)]
+    assert evals[0]["features"]["fid"].startswith("random-conv") and "fid" in evals[0] and "cmmd" in evals[0]
     assert (run_dir / "manifest.yaml").exists() and (run_dir / "plan.json").exists()
     assert json.loads((run_dir / "plan.json").read_text())["total_steps"] == 6
     assert (run_dir / "samples" / "step-00000006.png").exists()
