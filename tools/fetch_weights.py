@@ -68,6 +68,18 @@ class FetchError(Exception):
     pass
 
 
+def save_state_dict(model, dest: Path) -> None:
+    """The model's state dict to `dest`, atomically (a partial file never has the final name)."""
+    import torch
+
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    try:
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="fetch_weights.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -243,13 +255,7 @@ def fetch_clip(args, out: Path) -> Path:
         except Exception as e:  # noqa: BLE001 - hub, network or name problems
             raise FetchError(f"clip: open_clip could not fetch {args.clip_model} {args.clip_pretrained}: "
                              f"{type(e).__name__}: {e}") from None
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-        try:
-            torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save_state_dict(model, dest)
     ClipNet(args.clip_model, dest, str(dest), str(dest), torch.device("cpu"), True)
     print(f"clip: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), loads strictly into open_clip {args.clip_model}")
     return dest
@@ -278,8 +284,6 @@ def check_timm(net: str, path: Path, args) -> None:
 
 
 def fetch_timm(net: str, args, out: Path) -> Path:
-    import torch
-
     try:
         import timm
     except ImportError:
@@ -292,13 +296,7 @@ def fetch_timm(net: str, args, out: Path) -> Path:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub, network, licence or name problems
             raise FetchError(f"{net}: timm could not fetch {name}: {type(e).__name__}: {e}") from None
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-        try:
-            torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        save_state_dict(model, dest)
     check_timm(net, dest, args)
     print(f"{net}: {dest} ({dest.stat().st_size / 2**20:.1f} MiB), loads strictly into {name}")
     return dest
