@@ -545,4 +545,7 @@ def _rank_main(out: str) -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["rank"]:
+    from pixeldiff.process import leave
+
     _rank_main(sys.argv[2])
+    leave(0)  # as the trainer's ranks leave: the interpreter's teardown can abort in gloo's threads (SIGABRT)
