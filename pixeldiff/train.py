@@ -381,7 +381,9 @@ class Trainer:
             out = self.train_step(batches)
             if first:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
-            self.clock.observe_step(time.perf_counter() - t0)
+            if not first:  # a stream's first step includes the data's start-up (workers, shards) and compiling: its
+                # time would inflate the stop margin (two steps, and the final grid's estimate) and stop a short job at once
+                self.clock.observe_step(time.perf_counter() - t0)
             self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
             self.metrics.heartbeat(st.step, elapsed_s=round(self.clock.elapsed(), 3))
             save = st.step % m.checkpoint.interval_steps == 0
