@@ -670,7 +670,10 @@ class Saver:
         local = not is_remote(self.root)
         # ENOSPC is not always an OSError by the time it reaches us (torch's zip writer: "unexpected pos"): a local
         # disk with less room left than the save needs is full whatever the error says
-        full = "[no space]" in problem or (local and shutil.disk_usage(self.root).free < self._needed)
+        # (and the free space just after the partial files were removed can still count them, while another rank's
+        # writer lets go of its deleted files: torch's "unexpected pos" on a local disk is the zip writer's ENOSPC)
+        full = "[no space]" in problem or (local and (shutil.disk_usage(self.root).free < self._needed
+                                                      or "unexpected pos" in problem))
         problem = problem.replace(" [no space]", "")
         if self.rank == 0:
             self._discard(step)
