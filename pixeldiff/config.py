@@ -237,6 +237,15 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str  # the W&B project; the run is named after the manifest, its id is RUN_DIR/tracking.json's
+    entity: Optional[str] = None  # a team or user; default: the API key's default entity
+    # online: needs WANDB_API_KEY in the environment (never in the manifest) or `wandb login`'s netrc entry;
+    # offline: records under RUN_DIR/wandb/ for `wandb sync` later (compute nodes without internet)
+    mode: Literal["online", "offline"] = "online"
+
+
+@dataclass
 class LoggingConfig:
     metrics_interval: int = 10
     sample_interval: int = 1000  # 0 = only at the end
@@ -247,6 +256,7 @@ class LoggingConfig:
     # dense vs the routed conditional prediction, both with the prompt; tread.ratio > 0 needed)
     sample_guidance: Literal["cfg", "self"] = "cfg"
     tensorboard: bool = False  # rank 0 also writes TensorBoard events to RUN_DIR/tensorboard/ (one run across jobs)
+    wandb: Optional[WandbConfig] = None  # rank 0 also logs to Weights & Biases (one run across jobs, resumed by id)
 
 
 EVAL_METRICS = ("fid", "cmmd", "clip_score", "dino_mmd")
@@ -539,6 +549,12 @@ def validate(m: Manifest) -> None:
     _require("logging.sample_interval", lg.sample_interval, lg.sample_interval >= 0, ">= 0 steps (0: at the end only)")
     if not lg.sample_prompts:
         raise ConfigError("logging.sample_prompts: give at least one prompt")
+    if lg.wandb is not None:
+        for key in ("project", "entity"):
+            value = getattr(lg.wandb, key)
+            if value is not None and (not value.strip() or any(c in value for c in "/\\#?%:")):
+                raise ConfigError(f"logging.wandb.{key}: {value!r} is not a W&B {key} name (letters, digits, "
+                                  f"- _ . without slashes); give the team as logging.wandb.entity")
     d = m.data
     if d.source == "webdataset" and not d.shards:
         raise ConfigError("data.shards: required when data.source is 'webdataset' (e.g. s3://bucket/train-{000000..000099}.tar)")

@@ -1,11 +1,18 @@
-"""The run in the tools people already use: TensorBoard (W&B: not yet), as one continuous run across all of its
-Slurm jobs.
+"""The run in the tools people already use: TensorBoard and Weights & Biases, as one continuous run across all of
+its Slurm jobs.
 
 A run has one tracking id, written to RUN_DIR/tracking.json at its first start and read by every later job (a
 requeue, a resubmission, a local resume). A job that resumes from the checkpoint of step S logs from step S+1:
 - TensorBoard: the writer opens with `purge_step=S+1`, so the steps a killed job logged after its last checkpoint
   (and which this job trains again) are hidden from the curves, not shown twice;
-  the id is for trackers that name runs (W&B's resume by id).
+- W&B: `wandb.init(id=<the run's id>, resume="allow")` continues the same run. W&B keeps a run's steps increasing:
+  online, the server's last step comes back at init and records below it are not sent (the killed job's values for
+  those steps stay, none is shown twice); offline, each job writes its own directory under RUN_DIR/wandb/ and
+  `wandb sync` applies the same rule when it uploads them in order.
+  W&B buffers in its service process, so a job killed outright (SIGKILL, a node gone) can lose records it had
+  logged, even before its checkpoint. The next job therefore first logs again, from metrics.jsonl and eval.jsonl
+  (the record), every step from W&B's last one up to its checkpoint's: online that is the gap W&B lost; offline
+  W&B's last step is unknown (0), so every job's directory holds the whole history up to its own steps.
 
 Trackers run on rank 0 only, behind the metrics logger.
 """
@@ -14,9 +21,11 @@ from __future__ import annotations
 
 import json
 import math
+import netrc
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlparse
 
 TRACKING_FILE = "tracking.json"
 SKIP = {"step", "time", "stage"}
@@ -73,10 +82,104 @@ class TensorBoardTracker:
         self.writer.close()
 
 
-def trackers(run_dir: Path, m, resume_step: int) -> list:
-    """Rank 0's trackers for this manifest's `logging.tensorboard`."""
+class WandbTracker:
+    """One W&B run for the whole run: the id from tracking.json, resumed by every job. The manifest goes in as the
+    run's config (without cluster.env); the API key stays in the environment, where wandb reads it. A tracker that
+    fails (no network on the node, the service gone) warns once and stops logging: it never stops the training."""
+
+    def __init__(self, run_dir: Path, m, resume_step: int, log=print):
+        import wandb
+
+        from pixeldiff.config import to_dict
+
+        self.say, self.wandb = log, wandb
+        cfg = m.logging.wandb
+        config = to_dict(m)
+        config.get("cluster", {}).pop("env", None)
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, id=run_id(run_dir, m.name),
+                              name=m.name, resume="allow", dir=str(run_dir), config=config,
+                              settings=wandb.Settings(console="off", quiet=True, init_timeout=120))
+        self.first_step = resume_step + 1  # records below this belong to the checkpoint's past
+        self.failed = False
+        self.backfill(Path(run_dir), resume_step)
+
+    def backfill(self, run_dir: Path, resume_step: int) -> None:
+        """Log the recorded steps W&B lacks below this job's first: metrics.jsonl's and eval.jsonl's records from
+        W&B's own last step through `resume_step`, each step's last record (a step logged twice, by a killed job
+        and again after its resume, was last written by the branch the checkpoint continues)."""
+        from pixeldiff.ledger import read_jsonl
+
+        rows: dict[int, dict] = {}
+        for name, group in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
+            latest = {r["step"]: r for r in read_jsonl(run_dir / name) if isinstance(r.get("step"), int)}
+            for step, rec in latest.items():
+                if self.run.step <= step <= resume_step:
+                    rows.setdefault(step, {}).update({f"{group}/{k}": v for k, v in scalars(rec).items()})
+        first, self.first_step = self.first_step, 0
+        for step in sorted(rows):
+            self._send("backfill", step, rows[step])
+        self.first_step = first
+
+    def _send(self, what: str, step: int, data: dict) -> None:
+        if self.failed or step < max(self.first_step, self.run.step) or not data:
+            return
+        try:
+            self.run.log(data, step=step)
+        except Exception as e:  # the training goes on without W&B
+            self.failed = True
+            self.say(f"WARNING: W&B logging stopped at step {step} ({what}: {type(e).__name__}: {e}); "
+                     f"metrics.jsonl keeps the record")
+
+    def log(self, group: str, step: int, record: dict) -> None:
+        self._send(group, step, {f"{group}/{k}": v for k, v in scalars(record).items()})
+
+    def image(self, tag: str, step: int, path: Path) -> None:
+        self._send(tag, step, {tag: self.wandb.Image(str(path))})
+
+    def close(self) -> None:
+        try:
+            self.run.finish()
+        except Exception as e:
+            self.say(f"WARNING: W&B run did not finish cleanly ({type(e).__name__}: {e})")
+
+
+def preflight(m) -> None:
+    """`plan` and `run`, before anything starts: the wandb package is there, and an online run has a key to use.
+    Raises ConfigError naming the fix."""
+    from pixeldiff.config import ConfigError
+
+    cfg = m.logging.wandb
+    if cfg is None:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logging.wandb: the wandb package is not installed; pip install wandb (or remove "
+                          "logging.wandb)") from None
+    if cfg.mode == "online" and not os.environ.get("WANDB_API_KEY") and not _netrc_has_wandb():
+        raise ConfigError("logging.wandb.mode: online needs a W&B API key: export WANDB_API_KEY in the environment "
+                          "the jobs inherit (never in the manifest), or run `wandb login`; or set mode: offline and "
+                          "`wandb sync RUN_DIR/wandb/offline-run-*` later")
+
+
+def _netrc_has_wandb() -> bool:
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def trackers(run_dir: Path, m, resume_step: int, log=print) -> list:
+    """Rank 0's trackers for this manifest's `logging.tensorboard` and `logging.wandb`."""
     out = []
     lg = m.logging
     if lg.tensorboard:
         out.append(TensorBoardTracker(run_dir, resume_step))
+    if lg.wandb is not None:
+        try:
+            out.append(WandbTracker(run_dir, m, resume_step, log))
+        except Exception as e:  # e.g. an online run on a node without internet: train without W&B
+            log(f"WARNING: W&B did not start ({type(e).__name__}: {e}); training goes on without it, metrics.jsonl "
+                f"keeps the record (logging.wandb.mode: offline writes RUN_DIR/wandb/ for `wandb sync` later)")
     return out

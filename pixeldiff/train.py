@@ -443,7 +443,7 @@ class Trainer:
                               float(job_start or time.time()), under_slurm)
         self.metrics.segment_start(self.env, self.device, st.step, job_start)
         if self.env.is_main:
-            self.metrics.track(tracking.trackers(self.run_dir, m, st.step))
+            self.metrics.track(tracking.trackers(self.run_dir, m, st.step, self.log))
         self.budget_outlook()
         if m.budget.policy in ("finish_stages", "extend_last_stage"):
             self.resplit_stages()

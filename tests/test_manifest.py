@@ -186,6 +186,12 @@ CASES = [
     ("credential-url-password", MINIMAL + "data: {s3: {endpoint_url: 'http://minio:hunter2@127.0.0.1:9000'}}\n",
      r"^data\.s3\.endpoint_url: the URL http://minio:\*\*\*@127\.0\.0\.1:9000 carries a password; give the URL "
      r"without 'user:password@': credentials never go in the manifest .*data\.s3\.profile$"),
+    ("wandb-project-path", MINIMAL + "logging: {wandb: {project: team/proj}}\n",
+     r"^logging\.wandb\.project: 'team/proj' is not a W&B project name .*; give the team as logging\.wandb\.entity$"),
+    ("wandb-no-project", MINIMAL + "logging: {wandb: {mode: offline}}\n",
+     r"^missing required key 'logging\.wandb\.project' \(str\)$"),
+    ("wandb-mode", MINIMAL + "logging: {wandb: {project: p, mode: shared}}\n",
+     r"^logging\.wandb\.mode: expected one of"),
     ("credential-env", MINIMAL.replace("backend: local", "backend: local, env: {WANDB_API_KEY: hunter2}"),
      r"^cluster\.env\.WANDB_API_KEY: looks like a credential, .*remove it: credentials never go in the manifest"),
     ("credential-presigned", MINIMAL + "data: {source: webdataset, shards: 'https://b.example/x.tar?X-Amz-Signature=hunter2'}\n",

@@ -110,7 +110,8 @@ def test_a_dry_run_reading_s3_with_secrets_writes_none_of_them(s3_endpoint, tmp_
     env = secret_env(tmp_path)
     shards = shards_on_s3(s3_endpoint, "secret-local", tmp_path)
     d = tiny_manifest_dict(name="secret-local", steps=(6, 2), data=s3_data(s3_endpoint, shards),
-                           checkpoint={"interval_steps": 4, "keep": 2})
+                           checkpoint={"interval_steps": 4, "keep": 2},
+                           logging={"wandb": {"project": "secret-local", "mode": "offline"}, "sample_interval": 0})
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump(d, sort_keys=False))
     runs = tmp_path / "runs"
@@ -120,6 +121,7 @@ def test_a_dry_run_reading_s3_with_secrets_writes_none_of_them(s3_endpoint, tmp_
     ends = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [e for e in ends if e["event"] == "segment_end"][-1]["reason"] == "finished"
     assert list((run_dir / "samples").glob("*.txt")) and list((run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B ran, with the key in its environment
     texts = {"run's output": out.stdout + out.stderr, **outputs_of_status(run_dir, env, no_slurm=True)}
     assert leaks(texts, [run_dir]) == []
 
