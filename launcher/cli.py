@@ -85,9 +85,11 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
 
 def check_weights(m: Manifest) -> None:
     """Local perceptual-loss weights must exist before anything starts (s3:// ones are checked when the job starts);
-    random-init perceptual networks are announced on stderr."""
+    random-init perceptual networks are announced on stderr. W&B (logging.wandb) is installed and has a key."""
+    from pixeldiff import tracking
     from pixeldiff.weights import preflight
 
+    tracking.preflight(m)
     for message in preflight(m):
         print(f"warning: {message}", file=sys.stderr)
 
@@ -217,12 +219,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """One evaluation of a checkpoint, in this process (one GPU or the CPU), whatever the run's backend."""
+    """One evaluation of a checkpoint: for a Slurm run, as a Slurm job on one node (waited for unless --detach);
+    otherwise, or with --local, in this process (one GPU or the CPU)."""
     run_dir = Path(args.run_dir)
     if not (run_dir / "manifest.yaml").exists():
         raise UsageError(f"{run_dir} is not a run directory (no manifest.yaml); give the path printed by `run`")
     if args.samples is not None and args.samples < 2:
         raise UsageError(f"--samples: at least 2 images, got {args.samples}")
+    m = load_resolved(run_dir / "manifest.yaml")
+    if m.cluster.backend == "slurm" and not args.local:
+        return eval_on_slurm(args, run_dir, m)
     from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
     from pixeldiff.train import evaluate_checkpoint
@@ -233,6 +239,41 @@ def cmd_eval(args) -> int:
         raise UsageError(str(e)) from None
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in rec.items() if k not in ("preprocess",)}))
+    return 0
+
+
+def eval_on_slurm(args, run_dir: Path, m: Manifest) -> int:
+    from launcher.evaljob import submit_eval, wait_for
+    from launcher.policy import SubmitError
+    from pixeldiff.checkpoint import list_checkpoints
+    from pixeldiff.storage import storage_options
+    from pixeldiff.train import checkpoint_root
+
+    if args.time_min < 1:
+        raise UsageError(f"--time-min: at least 1 minute, got {args.time_min}")
+    root = checkpoint_root(m, run_dir)
+    names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in list_checkpoints(root, storage_options(m.data.s3))[0]]
+    if not names:
+        raise UsageError(f"{run_dir} has no checkpoint yet: nothing to evaluate")
+    if args.checkpoint is not None and args.checkpoint not in names:  # found here, not in a queued job
+        raise UsageError(f"no valid checkpoint {args.checkpoint} in {root}; there are: {', '.join(names)}")
+    minutes = min(args.time_min, max(1, int(m.cluster.max_job_hours * 60)))
+    try:
+        job_id = submit_eval(run_dir, m, args.checkpoint, args.samples, minutes)
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    log = run_dir / "jobs" / job_id / f"{job_id}_0_log.out"
+    print(f"submitted evaluation job {job_id} (1 node, {m.cluster.gpus_per_node} GPUs, {minutes} min); log: {log}",
+          flush=True)
+    if args.detach:
+        print(f"its record is appended to {run_dir / 'eval.jsonl'} with job_id {job_id}")
+        return 0
+    rec = wait_for(run_dir, job_id, timeout_s=minutes * 60 + args.queue_wait)
+    if rec is None:
+        print(f"error: evaluation job {job_id} wrote no record; see {log}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in rec.items() if k not in ("preprocess",)}))
     return 0
@@ -325,10 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs", help="where run directories live (default: ./runs)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint of a run (FID, CMMD, ...; eval.jsonl), on this machine")
+    p = sub.add_parser("eval", help="evaluate a checkpoint of a run (FID, CMMD, ...; eval.jsonl): a Slurm run's as "
+                                    "a Slurm job on one node, a local run's on this machine")
     p.add_argument("run_dir", help="the run directory (runs/<name>)")
     p.add_argument("--checkpoint", metavar="step-N", help="which checkpoint (default: the newest valid one)")
     p.add_argument("--samples", type=int, help="images to generate and compare (default: the manifest's eval.samples)")
+    p.add_argument("--local", action="store_true", help="a Slurm run's checkpoint, evaluated on this machine instead")
+    p.add_argument("--detach", action="store_true", help="Slurm: return once the job is submitted")
+    p.add_argument("--time-min", type=int, default=60,
+                   help="Slurm: the job's time limit in minutes (default 60, at most cluster.max_job_hours)")
+    p.add_argument("--queue-wait", type=float, default=3600.0,
+                   help="Slurm: seconds to wait for the job to start, beyond its time limit (default 3600)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("cancel", help="ask a Slurm run to checkpoint and stop, then cancel its jobs")

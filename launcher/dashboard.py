@@ -142,9 +142,11 @@ def losses(s: dict, width: int) -> list[Text]:
         return [_line("loss: no metrics yet", style="dim")]
     spark = sparkline(s["loss_history"], max(8, min(60, width - 40)))
     parts = " ".join(f"{k[5:]} {v:.4g}" for k, v in lt["losses"].items() if k.startswith("loss_"))
+    speed = (f"  MFU {lt['mfu'] * 100:.1f}%" if lt.get("mfu") is not None else "") + (
+        f"  {lt['tflops_per_gpu']:.3g} TFLOP/s/GPU" if lt.get("tflops_per_gpu") is not None else "")
     return [_line(f"loss {lt['losses'].get('loss', float('nan')):.4f} ", Text(spark, style="cyan"),
                   f"  at step {lt['step']}"),
-            _line(f"     {parts}  lr {num(lt['lr'], '.3g')}  grad norm {num(lt['grad_norm'], '.3g')}")]
+            _line(f"     {parts}  lr {num(lt['lr'], '.3g')}  grad norm {num(lt['grad_norm'], '.3g')}{speed}")]
 
 
 def evaluation(s: dict, width: int) -> list[Text]:

@@ -123,16 +123,18 @@ def recover_submissions(run_dir: Path, m: Manifest, events: list[dict], slurm=No
 
 
 def make_executor(m: Manifest, run_dir: Path, minutes: int, exclude: list[str], nodes: list | None = None,
-                  comment: str | None = None):
-    """submitit's executor for one job. The pickled function (launcher.job.TrainJob, the supervisor) runs once, in
-    the batch step (use_srun=False); it starts the training step with srun itself."""
+                  comment: str | None = None, job_nodes: int | None = None, job_name: str | None = None):
+    """submitit's executor for one job. The pickled function (launcher.job.TrainJob, the supervisor, or
+    launcher.evaljob.EvalJob) runs once, in the batch step (use_srun=False); it starts its step with srun itself.
+    `job_nodes`: fewer nodes than the run's (an evaluation takes one)."""
     import submitit
 
     c, jobs = m.cluster, plan_jobs(m)
     ex = submitit.SlurmExecutor(folder=str(Path(run_dir) / "jobs" / "%j"), max_num_timeout=jobs["max_timeouts"])
     setup = [SHELL_TRAP] + list(c.setup) + [f"export {k}={json.dumps(str(v))}" for k, v in c.env.items()]
     params = dict(
-        job_name=m.name, nodes=c.nodes, ntasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
+        job_name=job_name or m.name, nodes=job_nodes or c.nodes, ntasks_per_node=c.gpus_per_node,
+        gpus_per_node=c.gpus_per_node,
         cpus_per_task=cpus_per_task(m, nodes, exclude), use_srun=False,
         time=minutes, signal_delay_s=min(int(jobs["signal_lead_s"]), minutes * 30), setup=setup, stderr_to_stdout=True,
     )

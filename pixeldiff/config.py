@@ -43,6 +43,8 @@ class ClusterConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2, weights/grads/optimizer sharded
     compile: bool = False  # torch.compile the model (1.7x on an H200 at 512 px; minutes of compile at start)
+    # the GPU's bf16 dense peak in TFLOP/s for MFU; 0 = from the device name (H100, H200, A100, ...: pixeldiff/model.py)
+    peak_tflops: float = 0.0
     # collectives time out: generously while a job starts (restore, compile, a stage's first step), then quickly,
     # so a dead rank stops the others in bounded time (PIXELDIFF_COLLECTIVE_TIMEOUT_S overrides both)
     startup_timeout_s: float = 1800.0

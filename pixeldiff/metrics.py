@@ -52,6 +52,12 @@ class MetricsLogger:
         self._window_t, self._window_img = time.perf_counter(), 0
         self._last_heartbeat = time.monotonic()
         self.trackers: list = []  # TensorBoard (pixeldiff.tracking), rank 0: every record, and the sample grids
+        self.step_flops, self.world, self.peak_tflops = None, 1, None
+
+    def speed(self, step_flops, world: int, peak_tflops: float | None) -> None:
+        """Records get `tflops_per_gpu` (the denoiser's own matmul FLOPs of a training step per image,
+        `step_flops(resolution)`, times img/s, per GPU) and `mfu` against the device's peak where it is known."""
+        self.step_flops, self.world, self.peak_tflops = step_flops, world, peak_tflops
 
     def track(self, trackers: list) -> None:
         self.trackers = trackers if self.is_main else []
@@ -99,6 +105,11 @@ class MetricsLogger:
                **{f"loss_{k}": round(v, 6) for k, v in zip(names, parts)},
                "img_per_s": round(self._window_img / dt, 2), "step_time": round(time.perf_counter() - step_t0, 4),
                "lr": out["lr"], "grad_norm": round(out["grad_norm"].item(), 4), "time": time.time(), **extra()}
+        if self.step_flops is not None:
+            tflops = self.step_flops(stage.resolution) * rec["img_per_s"] / self.world / 1e12
+            rec["tflops_per_gpu"] = round(tflops, 4)
+            if self.peak_tflops:
+                rec["mfu"] = round(tflops / self.peak_tflops, 4)
         if self.is_main:
             for sink in self.sinks:
                 sink.write(rec)

@@ -233,14 +233,44 @@ class PixelDiT(nn.Module):
         return forward_flops(self.cfg, self.text_dim, resolution, text_len)
 
 
-def forward_flops(cfg: ModelConfig, text_dim: int, resolution: int, text_len: int) -> float:
+def forward_flops(cfg: ModelConfig, text_dim: int, resolution: int, text_len: int, tread=None) -> float:
+    """Matmul FLOPs of one image's forward pass. `tread` (a TreadConfig with ratio > 0): the routed span's blocks
+    see only the kept image tokens, as the training step runs them (sampling is dense: no `tread`)."""
     cfg = resolve_model_config(cfg)
     p, w, depth = cfg.patch_size, cfg.width, cfg.depth
     n = (resolution // p) ** 2
+    kept, (first, last) = n, (0, -1)
+    if tread is not None and tread.ratio > 0:
+        kept, (first, last) = max(1, n - round(tread.ratio * n)), tread.span(depth)
     hidden = int(w * cfg.mlp_ratio)
     per_token_block = 4 * w * w + 3 * w * hidden  # qkv + proj, gated MLP
     per_text_block = 2 * w * w
-    attn = 2 * n * (n + text_len) * w  # QK^T and AV
+    blocks = 0
+    for b in range(depth):
+        nb = kept if first <= b <= last else n
+        blocks += nb * per_token_block + text_len * per_text_block + 2 * nb * (nb + text_len) * w  # + QK^T and AV
     embed = n * (p * p * 3 * cfg.bottleneck + cfg.bottleneck * w + w * p * p * 3) + text_len * text_dim * w
     mod = depth * 6 * w * w + 2 * w * w
-    return 2.0 * (embed + depth * (n * per_token_block + text_len * per_text_block + attn) + mod)
+    return 2.0 * (embed + blocks + mod)
+
+
+# bf16 dense matmul peaks (TFLOP/s) by the CUDA device name's model, for MFU; cluster.peak_tflops overrides
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
+               "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "B200": 2250.0}
+
+
+def peak_tflops(device_name: str, override: float = 0.0) -> float | None:
+    """The device's bf16 dense peak, or None when unknown (then no MFU is reported)."""
+    if override > 0:
+        return override
+    for model, peak in PEAK_TFLOPS.items():  # in order: "H100 PCIe" and "H100 NVL" before "H100"
+        if model in device_name:
+            return peak
+    return None
+
+
+def device_peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """`peak_tflops` of this process's device (a CPU has none unless overridden)."""
+    if device.type == "cuda":
+        return peak_tflops(torch.cuda.get_device_name(device), override)
+    return override if override > 0 else None

@@ -34,7 +34,7 @@ from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
 from pixeldiff.ledger import read_jsonl
 from pixeldiff.metrics import MetricsLogger
-from pixeldiff.model import PixelDiT
+from pixeldiff.model import PixelDiT, device_peak_tflops, forward_flops
 from pixeldiff.objective import XPrediction, tread_route
 from pixeldiff.optim import OptimizerState, build_optimizer
 from pixeldiff.parallel import clip_gradients, parallelize
@@ -117,11 +117,16 @@ def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:
     return m.cluster.startup_timeout_s, m.cluster.collective_timeout_s
 
 
+def checkpoint_root(m: Manifest, run_dir: Path):
+    """checkpoint.dir (an s3:// URL or a local path), or RUN_DIR/checkpoints."""
+    d = m.checkpoint.dir
+    return (d if checkpoint.is_remote(d) else Path(d)) if d else Path(run_dir) / "checkpoints"
+
+
 def build_checkpoints(t: "Trainer") -> checkpoint.CheckpointManager:
     """The trainer's checkpoint parts: model, EMA and optimizer in the DCP shards (a share each under DDP); the
     train state and data position in each rank's file; the resolved manifest and provenance beside them."""
-    m, env, d = t.m, t.env, t.m.checkpoint.dir
-    root = (d if checkpoint.is_remote(d) else Path(d)) if d else t.run_dir / "checkpoints"
+    m, env, root = t.m, t.env, checkpoint_root(t.m, t.run_dir)
     return checkpoint.CheckpointManager(
         root, m.checkpoint.keep, m.checkpoint.async_save, env.rank, env.world_size,
         sharded={"model": checkpoint.ModelState(t.model), "ema": t.ema, "optimizer": OptimizerState(t.model, t.opt)},
@@ -190,6 +195,8 @@ class Trainer:
         self.state = TrainState()
         self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
+        self.metrics.speed(lambda res: 3 * forward_flops(m.model, m.data.text.dim, res, m.data.text.max_tokens, m.tread),
+                           env.world_size, device_peak_tflops(self.device, m.cluster.peak_tflops))
         self.clock: JobClock | None = None  # made when the job starts (run)
         self.timeouts = collective_timeouts(m)
         self.provenance = {"code_version": code_version(), "torch": torch.__version__,  # once, not per save
@@ -547,10 +554,12 @@ class Trainer:
         self.state.stage_ends = list(ends)
 
 
-def evaluate_checkpoint(run_dir: Path, name: str | None = None, samples: int | None = None, log=print) -> dict:
+def evaluate_checkpoint(run_dir: Path, name: str | None = None, samples: int | None = None, log=print,
+                        job_id: str | None = None) -> dict:
     """`pixeldiff-launch eval`: one evaluation (the manifest's eval section, or its defaults; `samples` instead of
-    eval.samples) of a checkpoint of a run (`name`, e.g. step-00001000; default the newest), in this process, with
-    its EMA weights; appended to eval.jsonl with why "checkpoint". -> the record."""
+    eval.samples) of a checkpoint of a run (`name`, e.g. step-00001000; default the newest) with its EMA weights, by
+    this process or by every rank of a process group (an evaluation job: launcher/evaljob.py); appended to
+    eval.jsonl with why "checkpoint" (and the Slurm job's id). -> the record."""
     run_dir = Path(run_dir)
     env = distributed.env_from()
     m = load_resolved(run_dir / "manifest.yaml")
@@ -564,7 +573,8 @@ def evaluate_checkpoint(run_dir: Path, name: str | None = None, samples: int | N
         if path is None:
             raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint yet: nothing to evaluate")
         log(f"evaluating {path} (step {t.state.step}, stage {t.m.stages[t.state.stage].name}) on {e.samples} samples")
-        return t.evaluate("checkpoint", checkpoint=str(path).rstrip("/").rsplit("/", 1)[-1])
+        return t.evaluate("checkpoint", checkpoint=str(path).rstrip("/").rsplit("/", 1)[-1],
+                          **({"job_id": job_id} if job_id else {}))
     finally:
         distributed.shutdown()
 

@@ -325,3 +325,43 @@ def test_compile_matches_eager():
     assert compiled.shape == eager.shape
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
     assert eager.abs().max() > 1e-3
+
+
+def test_forward_flops_with_tread_count_the_routed_span_as_it_runs():
+    """TREAD: the routed blocks see only the kept tokens; FlopCounterMode on a routed forward agrees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pixeldiff.config import TreadConfig
+    from pixeldiff.objective import tread_route
+
+    torch.manual_seed(0)
+    res, text_len, tread = 64, 8, TreadConfig(ratio=0.5, start_block=1, end_block=-2)
+    model = PixelDiT(ModelConfig("tiny"), TEXT_DIM, tread_span=tread.span(4))
+    c = model.cfg
+    n = (res // c.patch_size) ** 2
+    route = tread_route(1, n, tread.ratio, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, res, res)
+    text, mask = torch.randn(1, text_len, TEXT_DIM), torch.ones(1, text_len, dtype=torch.bool)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x, torch.rand(1), text, mask, route=route)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    counted = fc.get_total_flops()
+    first, last = tread.span(c.depth)
+    kept = route.shape[1]
+    if not any("attention" in k for k in counts):
+        counted += sum(2 * (2 * m * (m + text_len) * c.width)
+                       for m in (kept if first <= b <= last else n for b in range(c.depth)))
+    t_mlp = 2 * (256 * c.width + c.width * c.width)
+    routed = forward_flops(c, TEXT_DIM, res, text_len, tread=tread)
+    assert routed == pytest.approx(counted - t_mlp, rel=1e-9)
+    assert 0.5 < routed / forward_flops(c, TEXT_DIM, res, text_len) < 0.8  # half the tokens in 2 of 4 blocks
+
+
+@pytest.mark.parametrize("name, override, peak", [
+    ("NVIDIA H200", 0.0, 989.4), ("NVIDIA H100 80GB HBM3", 0.0, 989.4), ("NVIDIA H100 PCIe", 0.0, 756.0),
+    ("NVIDIA A100-SXM4-80GB", 0.0, 312.0), ("NVIDIA GeForce RTX 4090", 0.0, None), ("NVIDIA GeForce RTX 4090", 165.2, 165.2),
+])
+def test_the_peak_for_mfu_comes_from_the_device_name_or_the_override(name, override, peak):
+    from pixeldiff.model import peak_tflops
+
+    assert peak_tflops(name, override) == peak
