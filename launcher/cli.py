@@ -117,8 +117,9 @@ def apply_calibration(m: Manifest, path: Path) -> Manifest:
 def cmd_plan(args) -> int:
     m = load_manifest(Path(args.manifest), args.set)
     check_weights(m)
-    if args.calibration:
-        m = apply_calibration(m, Path(args.calibration))
+    calibration = found_calibration(args, m)
+    if calibration:
+        m = apply_calibration(m, calibration)
     p = make_plan(m)
     print(json.dumps(p, indent=1) if args.json else format_plan(p))
     return 0
@@ -131,6 +132,16 @@ def cmd_run_slurm(args, m: Manifest) -> int:
     from launcher.submit import recover_submissions, submission_lock, submit
     from slurm.commands import Slurm, SlurmError
 
+    calibration = found_calibration(args, m)
+    if calibration is None:
+        print(f"warning: no calibration of {m.name} (runs-dir/{m.name}-calibrate/calibration.json): its hours and "
+              f"cost are the manifest's estimates; `pixeldiff-launch calibrate {args.manifest}` on one GPU measures "
+              f"them (and finds bad input in minutes)", file=sys.stderr)
+    else:
+        priced = make_plan(apply_calibration(m, calibration))
+        rates = ", ".join(f"{r['stage']} {_num(r['est_img_per_s_per_gpu'], '.1f')}" for r in priced["stages"])
+        print(f"calibrated plan: {_num(priced['total_hours'], '.2f')} h, ${_num(priced['total_usd'], ',.0f')} "
+              f"(img/s per GPU: {rates})", file=sys.stderr)
     run_dir = make_dir(Path(args.runs_dir) / m.name)
     try:
         # two `run`s of one run directory at the same moment: one creates it and submits, the other waits here,
@@ -216,6 +227,41 @@ def cmd_run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return exit_code(reason)
+
+
+def cmd_calibrate(args) -> int:
+    from launcher.calibrate import CalibrationError, calibrate, report
+
+    m = load_manifest(Path(args.manifest), args.set)
+    check_weights(m)
+    try:
+        result = calibrate(m, Path(args.runs_dir), args.steps, log=lambda s: print(s, flush=True))
+    except CalibrationError as e:
+        raise UsageError(str(e)) from None
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report(m, result, args.manifest))
+    return 0
+
+
+def _num(v, spec: str) -> str:
+    return "?" if v is None else format(v, spec)
+
+
+def found_calibration(args, m: Manifest) -> Path | None:
+    """--calibration FILE, or the one `calibrate` wrote for this manifest under --runs-dir (announced)."""
+    from launcher.calibrate import default_calibration
+
+    if getattr(args, "calibration", None):
+        return Path(args.calibration)
+    path = default_calibration(Path(getattr(args, "runs_dir", "runs")), m.name)
+    if path.exists():
+        data = json.loads(path.read_text())
+        print(f"using the calibration {path} ({data.get('device')}, {data.get('date')}, commit {data.get('commit')})",
+              file=sys.stderr)
+        return path
+    return None
 
 
 def cmd_eval(args) -> int:
@@ -353,9 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibration", metavar="FILE",
-                   help="measured img/s per GPU by resolution (tools/bench_step.py --calibration) instead of the "
-                        "manifest's estimates")
+                   help="measured img/s per GPU by resolution (`calibrate`, or tools/bench_step.py --calibration) "
+                        "instead of the manifest's estimates (default: runs/<name>-calibrate/calibration.json if "
+                        "`calibrate` wrote one)")
+    p.add_argument("--runs-dir", default="runs", help="where `calibrate` wrote its run (default: ./runs)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("calibrate", help="run the real trainer here (one GPU or the CPU) for a few steps of every "
+                                         "stage, then price the plan with the measured speed")
+    common(p)
+    p.add_argument("--steps", type=int, default=50, help="steps per stage (default 50)")
+    p.add_argument("--runs-dir", default="runs", help="where the calibration run goes (default: ./runs)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("run", help="start or resume a run")
     common(p)

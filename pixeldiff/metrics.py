@@ -49,10 +49,14 @@ class MetricsLogger:
         self.run_dir, self.is_main, self.device, self.interval = Path(run_dir), is_main, device, interval
         self.log = log
         self.sinks = sinks if sinks is not None else ([JsonlSink(self.run_dir / "metrics.jsonl")] if is_main else [])
-        self._window_t, self._window_img = time.perf_counter(), 0
+        # the window since the last record: its start, images, and seconds its steps waited for their batches
+        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
         self._last_heartbeat = time.monotonic()
         self.trackers: list = []  # TensorBoard (pixeldiff.tracking), rank 0: every record, and the sample grids
         self.step_flops, self.world, self.peak_tflops = None, 1, None
+
+    def data_wait(self, seconds: float) -> None:
+        self._window_data += seconds
 
     def speed(self, step_flops, world: int, peak_tflops: float | None) -> None:
         """Records get `tflops_per_gpu` (the denoiser's own matmul FLOPs of a training step per image,
@@ -68,7 +72,7 @@ class MetricsLogger:
 
     def start(self) -> None:
         """The loop begins: the first throughput window and heartbeat interval start now."""
-        self._window_t, self._window_img = time.perf_counter(), 0
+        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
         self._last_heartbeat = time.monotonic()
 
     def event(self, kind: str, **fields) -> None:
@@ -105,6 +109,9 @@ class MetricsLogger:
                **{f"loss_{k}": round(v, 6) for k, v in zip(names, parts)},
                "img_per_s": round(self._window_img / dt, 2), "step_time": round(time.perf_counter() - step_t0, 4),
                "lr": out["lr"], "grad_norm": round(out["grad_norm"].item(), 4), "time": time.time(), **extra()}
+        rec["data_wait"] = round(min(1.0, self._window_data / dt), 4) if dt > 0 else None
+        if self.device.type == "cuda":
+            rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.step_flops is not None:
             tflops = self.step_flops(stage.resolution) * rec["img_per_s"] / self.world / 1e12
             rec["tflops_per_gpu"] = round(tflops, 4)
@@ -116,7 +123,7 @@ class MetricsLogger:
             for t in self.trackers:
                 t.log("train", step, rec)
             self.log(json.dumps(rec))
-        self._window_t, self._window_img = time.perf_counter(), 0
+        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
         return rec
 
     def close(self) -> None:

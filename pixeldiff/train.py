@@ -194,6 +194,9 @@ class Trainer:
         self.nan_at, self.nan_from = int(nan.rstrip("+") or 0), nan.endswith("+")
         self.state = TrainState()
         self.stop_code = 0  # a signal number, or DEADLINE_STOP / BUDGET_STOP
+        # a job that saves and stops at this step as at its deadline (pixeldiff-launch calibrate: a stage switch
+        # across two jobs)
+        self.stop_at = int(os.environ.get("PIXELDIFF_STOP_AT_STEP") or 0)
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
         self.metrics.speed(lambda res: 3 * forward_flops(m.model, m.data.text.dim, res, m.data.text.max_tokens, m.tread),
                            env.world_size, device_peak_tflops(self.device, m.cluster.peak_tflops))
@@ -310,7 +313,9 @@ class Trainer:
         repa_at = m.losses.repa.block if self.teacher is not None and repa_active(m, st.stage, st.step) else None
         total, parts = 0.0, {}
         for a in range(accum):
+            t_data = time.perf_counter()
             images, text, mask = to_device(next(batches), self.encoder, self.device)
+            self.metrics.data_wait(time.perf_counter() - t_data)
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)
             with self.autocast, self.par.reduce_gradients(a == accum - 1):  # reduce gradients once per step
                 loss, terms = self.forward_loss(images, text, mask, gen, repa_at)
@@ -356,6 +361,8 @@ class Trainer:
     def limit_code(self) -> int:
         """Rank 0 watches the clock: DEADLINE_STOP or BUDGET_STOP when the job's end or the budget is near, else 0."""
         hit = self.clock.stop_reason() if self.env.is_main else None
+        if self.stop_at and self.state.step >= self.stop_at:  # PIXELDIFF_STOP_AT_STEP (calibrate's first job)
+            hit = "deadline"
         return {"deadline": DEADLINE_STOP, "budget": BUDGET_STOP}.get(hit, 0)
 
     def loop(self, stop: StopFlag) -> None:

@@ -34,6 +34,7 @@ def start(runs: Path, name: str, env: dict, *sets: str) -> Path:
     out = launch(["run", MANIFEST, "--detach", "--runs-dir", runs, "--set", f"name={name}", *sum((["--set", s] for s in sets), [])], env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "submitted Slurm job" in out.stdout, out.stdout
+    assert f"warning: no calibration of {name}" in out.stderr, out.stderr  # none written under these runs
     return runs / name
 
 

@@ -1,0 +1,67 @@
+"""`pixeldiff-launch calibrate` on the CPU with the dry-run manifest (issue 17): the real trainer for a few steps of
+every stage, a checkpoint across the stage switch, a grid and a short evaluation, the measured table, the plan
+priced with it, and the calibration file that `plan` and `run` then use; bad input stops it with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from pixeldiff.ledger import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+DRYRUN = str(REPO / "manifests" / "dryrun.yaml")
+
+
+def test_calibrate_the_dry_run_on_the_cpu_then_plan_with_it(tmp_path):
+    runs = tmp_path / "runs"
+    r = run_cli("launcher.cli", "calibrate", DRYRUN, "--steps", "3", "--runs-dir", str(runs), timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = runs / "dryrun-calibrate"
+    cal = json.loads((run_dir / "calibration.json").read_text())
+    assert [(s["stage"], s["resolution"], s["batch_per_gpu"]) for s in cal["stages"]] == [("32px", 32, 32),
+                                                                                       ("64px", 64, 32)]
+    assert set(cal["img_per_s_per_gpu"]) == {"32", "64"} and all(v > 0 for v in cal["img_per_s_per_gpu"].values())
+    for s in cal["stages"]:
+        assert s["records"] >= 1 and s["tflops_per_gpu"] > 0 and 0 <= s["data_wait"] < 1 and s["startup_s"] > 0
+        assert s["mfu"] is None and s["peak_mem_gib"] is None  # a CPU: no peak to measure against, no GPU memory
+    assert cal["device"].startswith("CPU") and cal["checkpoint_resumed_across_stage_switch"]
+    starts = [e for e in read_jsonl(run_dir / "ledger.jsonl") if e["event"] == "segment_start"]
+    assert [e["step"] for e in starts] == [0, 3]  # the second job resumed from the first one's checkpoint
+    assert [(e["step"], e["why"]) for e in cal["eval"]] == [(3, "stage_end"), (6, "end")]
+    assert all(e["samples"] == 32 and e["fid"] > 0 for e in cal["eval"])
+    assert cal["samples"] == [str(run_dir / "samples" / "step-00000006.png")]
+    out = r.stdout
+    assert "calibration of dryrun on CPU" in out and "img/s/GPU" in out and "start-up s" in out
+    assert "resumed by a second job across the stage switch" in out and "the plan of dryrun at these rates" in out
+    rate32 = cal["img_per_s_per_gpu"]["32"]
+    plan = run_cli("launcher.cli", "plan", DRYRUN, "--json", "--runs-dir", str(runs))
+    assert plan.returncode == 0 and "using the calibration" in plan.stderr, plan.stderr
+    assert json.loads(plan.stdout)["stages"][0]["est_img_per_s_per_gpu"] == pytest.approx(rate32)
+    # a second calibration replaces the first (its run directory is disposable)
+    again = run_cli("launcher.cli", "calibrate", DRYRUN, "--steps", "2", "--runs-dir", str(runs), timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((run_dir / "calibration.json").read_text())["steps_per_stage"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "1"], "error: --steps: at least 2 steps per stage"),
+    (["--set", "stages[0].micro_batch=5"], "error: stages[0].micro_batch: 5 must divide the per-rank batch 32"),
+    (["--set", "losses.lpips.weight=0.1", "--set", "losses.lpips.weights=/nonexistent/vgg.pth"],
+     "error: losses.lpips.weights: no such file '/nonexistent/vgg.pth'"),
+])
+def test_calibrate_refuses_bad_input_before_training(tmp_path, args, message):
+    r = run_cli("launcher.cli", "calibrate", DRYRUN, "--runs-dir", str(tmp_path / "runs"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_calibrate_reports_a_job_that_cannot_read_its_data(tmp_path):
+    r = run_cli("launcher.cli", "calibrate", DRYRUN, "--runs-dir", str(tmp_path / "runs"), "--steps", "2",
+                "--set", "data.source=webdataset", "--set", "data.workers=0",
+                "--set", f"data.shards={tmp_path}/missing-{{000..001}}.tar")
+    assert r.returncode == 1 and "error: the calibration job stopping at step 2 failed" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
