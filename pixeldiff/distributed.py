@@ -82,6 +82,10 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
         return torch.device("cpu")
     index = local_device_index(env.local_rank, torch.cuda.device_count())
     torch.cuda.set_device(index)
+    # TF32 for what stays fp32 outside bf16 autocast (the frozen networks' fp32 parts, fp32 matmuls), as
+    # tools/bench_step.py measures
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda", index)
 
 
@@ -105,11 +109,15 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(seconds=timeout_s),
                             **({"device_id": device} if device.type == "cuda" else {}))
-    global _checkpoint_group
+    global _checkpoint_group, _control_group
     _checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    _control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 _checkpoint_group = None
+# the step boundary's agreements (host integers): CPU tensors over gloo, so that agreeing never waits for the GPU's
+# queued work (on NCCL a device tensor and its .tolist() synchronised the host with the stream at every step)
+_control_group = None
 
 
 def set_timeout(seconds: float) -> None:
@@ -125,10 +133,10 @@ def checkpoint_group():
 
 
 def shutdown() -> None:
-    global _checkpoint_group
+    global _checkpoint_group, _control_group
     if dist.is_initialized():
         dist.destroy_process_group()
-    _checkpoint_group = None
+    _checkpoint_group = _control_group = None
 
 
 def device_mesh(device: torch.device):
@@ -157,15 +165,15 @@ def all_mean(values: torch.Tensor) -> list[float]:
     return t.tolist()
 
 
-def agree_max(value, device: torch.device):
+def agree_max(value):
     """The largest value over ranks, on every rank: how ranks agree at a step boundary to stop (a signal number or
     a stop code) or to take the last job's exit. `value`: an int, or a tuple of ints agreed element-wise in the same
-    collective (-> a tuple)."""
+    collective (-> a tuple). Over the gloo control group, on the CPU: no GPU synchronisation."""
     many = isinstance(value, tuple)
     if not dist.is_initialized():
         return value
-    t = torch.tensor(list(value) if many else [value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(list(value) if many else [value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
     out = t.tolist()
     return tuple(out) if many else out[0]
 

@@ -45,7 +45,7 @@ class DivergenceGuard:
         bad = (self.streak >= self.max_in_a_row).to(torch.int64)
         if check_weights:
             bad = bad | ~torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-        return bool(distributed.agree_max(int(bad.item()), self.streak.device))
+        return bool(distributed.agree_max(int(bad.item())))
 
     def reset_streak(self) -> None:
         self.streak.zero_()

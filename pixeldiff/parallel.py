@@ -53,7 +53,9 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
     net = ddp or model
     if cluster.compile:
-        net = torch.compile(net)
+        # static shapes: the 512 -> 1024 px switch compiles once more instead of recompiling with symbolic sizes;
+        # the compiled graphs persist in TORCHINDUCTOR_CACHE_DIR (RUN_DIR/compile-cache: pixeldiff/train.py)
+        net = torch.compile(net, dynamic=False)
     return Parallel(net, model, ddp, fsdp)
 
 

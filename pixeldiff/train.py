@@ -375,7 +375,7 @@ class Trainer:
             # in the same collective, whether a background save has finished on some rank: it ends in a collective,
             # so it has finished (or is about to) on every rank, and all report it, or raise its error, at this step
             self.stop_code, saved = distributed.agree_max(
-                (max(stop.signum or 0, self.limit_code()), int(self.ckpt.save_finished())), self.device)
+                (max(stop.signum or 0, self.limit_code()), int(self.ckpt.save_finished())))
             if saved:
                 self.ckpt.poll(wait=True)
             if self.stop_code:
@@ -479,7 +479,7 @@ class Trainer:
             # a timeout or preemption signal in a job that the budget cannot follow with another: the run ends here,
             # for the budget (all ranks take rank 0's answer)
             last = self.env.is_main and not self.clock.next_job_affordable()
-            if distributed.agree_max(int(last), self.device):
+            if distributed.agree_max(int(last)):
                 self.stop_code = BUDGET_STOP
         distributed.set_timeout(self.timeouts[0])  # the final save and grid may wait for the slowest rank
         if self.stop_code != DIVERGED and self.guard.diverged(self.model, check_weights=True):
@@ -595,6 +595,11 @@ def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:
     no_world_write()
     run_dir = Path(run_dir)
     env = distributed.env_from()
+    # torch.compile's graphs, kept with the run (shared storage under Slurm): the jobs after the first start from
+    # the cache instead of compiling for minutes; a user's own setting wins
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_dir.resolve() / "compile-cache"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     wait = float(os.environ.get("PIXELDIFF_LOCK_WAIT_S", LOCK_WAIT_S)) if os.environ.get("SLURM_JOB_ID") else 0.0
     lock = lock_run(run_dir, wait_s=wait, log=log) if env.is_main else None
     stop = StopFlag().install()
