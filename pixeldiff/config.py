@@ -194,6 +194,9 @@ class TextConfig:
     # given), or a file of the prompts' embeddings (local path or s3://, from tools/embed_prompts.py)
     embedded_by: Optional[str] = None
     prompt_embeddings: Optional[str] = None
+    # training batches carry text only up to the batch's longest caption, rounded up to a quarter of max_tokens
+    # (4 lengths: few compiled shapes); the padding it drops is masked out, so the numbers do not change
+    trim: bool = True
 
 
 @dataclass

@@ -78,18 +78,37 @@ class SyntheticShapes:
         return torch.stack([im for im, _ in items]), [c for _, c in items]
 
 
-def to_device(b: dict, encoder, device: torch.device):
+def text_bucket(n: int, max_tokens: int) -> int:
+    """The text length a batch whose longest caption has `n` tokens is cut or padded to: the next quarter of
+    `max_tokens` (rounded up to a multiple of 8), so a run sees at most 4 text shapes."""
+    quarter = -(-max_tokens // 4)
+    quarter = -(-quarter // 8) * 8
+    return min(max_tokens, max(quarter, -(-n // quarter) * quarter))
+
+
+def to_device(b: dict, encoder, device: torch.device, trim: int = 0, min_len: int = 0):
     """A batch as the model takes it: -> images (B, 3, H, W) in [-1, 1], text (B, L, D) float, mask (B, L), on
-    `device` (captions embedded by `encoder`; precomputed embeddings padded to L = the batch's `text_len`)."""
+    `device` (captions embedded by `encoder`; precomputed embeddings padded to L = the batch's `text_len`).
+    `trim` (max_tokens): L is instead `text_bucket` of the batch's longest real caption (and `min_len`, the null
+    caption's), decided on the host before the copy: no device synchronisation."""
     images = b["image"].to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(127.5).sub_(1)
     if "emb" in b:  # precomputed: float16 (B, l, D) up to the batch's longest caption -> float (B, text_len, D)
-        emb, mask = b["emb"].to(device, non_blocking=True), b["mask"].to(device, non_blocking=True)
-        pad = b.get("text_len", emb.shape[1]) - emb.shape[1]
+        emb, mask = b["emb"], b["mask"]
+        full = b.get("text_len", emb.shape[1])
+        if trim:
+            full = text_bucket(max(emb.shape[1], min_len), trim)
+        emb, mask = emb.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        pad = full - emb.shape[1]
         text = torch.nn.functional.pad(emb.float(), (0, 0, 0, pad))
         return images, text, torch.nn.functional.pad(mask, (0, pad), value=False)
     text, mask = encoder.encode(b["caption"])
+    if trim:
+        real = mask.any(dim=0).nonzero()  # the CPU's mask: no device sync
+        n = int(real.max()) + 1 if real.numel() else 0
+        L = text_bucket(max(n, min_len), trim)
+        text, mask = text[:, :L], mask[:, :L]
     return images, text.to(device), mask.to(device)
 
 

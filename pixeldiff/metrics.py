@@ -49,18 +49,29 @@ class MetricsLogger:
         self.run_dir, self.is_main, self.device, self.interval = Path(run_dir), is_main, device, interval
         self.log = log
         self.sinks = sinks if sinks is not None else ([JsonlSink(self.run_dir / "metrics.jsonl")] if is_main else [])
-        # the window since the last record: its start, images, and seconds its steps waited for their batches
-        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
+        self._new_window()
         self._last_heartbeat = time.monotonic()
         self.trackers: list = []  # TensorBoard (pixeldiff.tracking), rank 0: every record, and the sample grids
         self.step_flops, self.world, self.peak_tflops = None, 1, None
 
+    def _new_window(self) -> None:
+        """The window since the last record: its start, images, the seconds its steps waited for their batches,
+        and the text tokens and samples they trained on (trimmed text varies)."""
+        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
+        self._window_text = [0, 0]
+
     def data_wait(self, seconds: float) -> None:
         self._window_data += seconds
 
+    def batch_text(self, samples: int, length: int) -> None:
+        """A micro-batch of `samples` with `length` text tokens each (for the FLOPs of trimmed text)."""
+        self._window_text[0] += samples * length
+        self._window_text[1] += samples
+
     def speed(self, step_flops, world: int, peak_tflops: float | None) -> None:
         """Records get `tflops_per_gpu` (the denoiser's own matmul FLOPs of a training step per image,
-        `step_flops(resolution)`, times img/s, per GPU) and `mfu` against the device's peak where it is known."""
+        `step_flops(resolution, text tokens)` at the window's mean text length, times img/s, per GPU) and `mfu`
+        against the device's peak where it is known."""
         self.step_flops, self.world, self.peak_tflops = step_flops, world, peak_tflops
 
     def track(self, trackers: list) -> None:
@@ -72,7 +83,7 @@ class MetricsLogger:
 
     def start(self) -> None:
         """The loop begins: the first throughput window and heartbeat interval start now."""
-        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
+        self._new_window()
         self._last_heartbeat = time.monotonic()
 
     def event(self, kind: str, **fields) -> None:
@@ -112,8 +123,9 @@ class MetricsLogger:
         rec["data_wait"] = round(min(1.0, self._window_data / dt), 4) if dt > 0 else None
         if self.device.type == "cuda":
             rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
-        if self.step_flops is not None:
-            tflops = self.step_flops(stage.resolution) * rec["img_per_s"] / self.world / 1e12
+        if self.step_flops is not None and self._window_text[1]:
+            text_len = self._window_text[0] / self._window_text[1]
+            tflops = self.step_flops(stage.resolution, text_len) * rec["img_per_s"] / self.world / 1e12
             rec["tflops_per_gpu"] = round(tflops, 4)
             if self.peak_tflops:
                 rec["mfu"] = round(tflops / self.peak_tflops, 4)
@@ -123,7 +135,7 @@ class MetricsLogger:
             for t in self.trackers:
                 t.log("train", step, rec)
             self.log(json.dumps(rec))
-        self._window_t, self._window_img, self._window_data = time.perf_counter(), 0, 0.0
+        self._new_window()
         return rec
 
     def close(self) -> None:

@@ -45,8 +45,9 @@ class XPrediction:
     def drop_captions(self, text, mask, generator):
         B = text.shape[0]
         drop = (torch.rand(B, generator=generator, device=generator.device) < self.cfg.caption_dropout).to(text.device)
-        text = torch.where(drop[:, None, None], self.null_text.to(text), text)
-        mask = torch.where(drop[:, None], self.null_mask.to(mask.device), mask)
+        L = text.shape[1]  # a trimmed batch (data.text.trim) takes the null caption's first L tokens
+        text = torch.where(drop[:, None, None], self.null_text[:L].to(text), text)
+        mask = torch.where(drop[:, None], self.null_mask[:L].to(mask.device), mask)
         return text, mask
 
     def noised(self, x0, text, mask, generator: torch.Generator):

@@ -172,7 +172,11 @@ class Trainer:
         self.device = distributed.pick_device(m.cluster.device, env)
         self.schedule = StageSchedule.from_manifest(m)
         self.encoder = make_text_encoder(m.data.text, self.device, storage_options(m.data.s3))
-        self.objective = XPrediction(m.objective, *null_caption(m, self.encoder))
+        null_text, null_mask = null_caption(m, self.encoder)
+        # kept on the device: caption dropout and guidance use them every step
+        self.objective = XPrediction(m.objective, null_text.to(self.device), null_mask.to(self.device))
+        real = null_mask.nonzero()
+        self.trim = (m.data.text.max_tokens, int(real.max()) + 1 if real.numel() else 0) if m.data.text.trim else (0, 0)
         self.data = build_data(m, env, self.device)
         # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and
         # s3:// ones fetched) here, before any training.
@@ -198,7 +202,7 @@ class Trainer:
         # across two jobs)
         self.stop_at = int(os.environ.get("PIXELDIFF_STOP_AT_STEP") or 0)
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
-        self.metrics.speed(lambda res: 3 * forward_flops(m.model, m.data.text.dim, res, m.data.text.max_tokens, m.tread),
+        self.metrics.speed(lambda res, text_len: 3 * forward_flops(m.model, m.data.text.dim, res, text_len, m.tread),
                            env.world_size, device_peak_tflops(self.device, m.cluster.peak_tflops))
         self.clock: JobClock | None = None  # made when the job starts (run)
         self.timeouts = collective_timeouts(m)
@@ -314,8 +318,9 @@ class Trainer:
         total, parts = 0.0, {}
         for a in range(accum):
             t_data = time.perf_counter()
-            images, text, mask = to_device(next(batches), self.encoder, self.device)
+            images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim)
             self.metrics.data_wait(time.perf_counter() - t_data)
+            self.metrics.batch_text(images.shape[0], text.shape[1])
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)
             with self.autocast, self.par.reduce_gradients(a == accum - 1):  # reduce gradients once per step
                 loss, terms = self.forward_loss(images, text, mask, gen, repa_at)
