@@ -8,7 +8,8 @@ checkpoint.dir), a short evaluation where the manifest evaluates. Its data, froz
 switches are the manifest's. It runs as two jobs, like a requeued run: the first stops at the end of the first
 stage with a checkpoint, the second resumes from it across the stage switch and runs the rest, ending with a
 sample grid and an evaluation. What goes wrong (missing weights, unreadable shards, a batch that does not
-divide) goes wrong here, in minutes, not at hour 3.
+divide, a micro-batch that does not fit in memory: the error names the largest that does) goes wrong here, in
+minutes, not at hour 3.
 
 Per stage it reports img/s per GPU, MFU (the denoiser's FLOPs against the device's peak), peak GPU memory, the
 share of step time spent waiting for data and the job's start-up to its first step; the plan of the real
@@ -31,6 +32,8 @@ from pathlib import Path
 
 from pixeldiff.config import Manifest, load_resolved
 from pixeldiff.ledger import read_jsonl
+
+OUT_OF_MEMORY_EXIT = 3  # pixeldiff.train's exit status for a micro-batch that does not fit (not imported: torch)
 
 CALIBRATION_FILE = "calibration.json"
 EVAL_SAMPLES, EVAL_STEPS = 32, 10  # the short evaluation: enough to run every metric's path once
@@ -163,6 +166,9 @@ def calibrate(m: Manifest, runs_dir: Path, steps: int, log=print) -> dict:
     for stop_at in jobs:
         rc, t0, out = run_job(run_dir, stop_at, log)
         starts.append(t0)
+        if rc == OUT_OF_MEMORY_EXIT:
+            oom = [e for e in read_jsonl(run_dir / "ledger.jsonl") if e["event"] == "out_of_memory"][-1]
+            raise CalibrationError(too_big(cm, oom["stage"], oom["micro_batch"], Path(runs_dir), log))
         if rc != 0:
             tail = "\n".join(out.strip().splitlines()[-15:])
             raise RuntimeError(f"the calibration job {'stopping at step ' + str(stop_at) if stop_at else 'to the end'}"
@@ -189,6 +195,32 @@ def calibrate(m: Manifest, runs_dir: Path, steps: int, log=print) -> dict:
     tmp.replace(path)
     result["path"] = str(path)
     return result
+
+
+def too_big(cm: Manifest, i: int, micro: int, runs_dir: Path, log) -> str:
+    """A stage's micro-batch ran out of memory: probe the smaller ones that divide one GPU's batch, largest first,
+    each a 2-step run of that stage alone. -> the error naming the largest that fits."""
+    from launcher.cli import prepare_run_dir
+
+    stage = cm.stages[i]
+    for cand in sorted((d for d in range(1, micro) if stage.global_batch % d == 0), reverse=True):
+        probe = dataclasses.replace(cm, name=f"{cm.name}-probe", stages=[dataclasses.replace(
+            stage, micro_batch=cand, steps=2)], eval=dataclasses.replace(cm.eval, enabled=False),
+            checkpoint=dataclasses.replace(cm.checkpoint, interval_steps=2))
+        probe_dir = Path(runs_dir) / probe.name
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        probe_dir, _ = prepare_run_dir(probe, Path(runs_dir))
+        log(f"stage {stage.name}: a micro-batch of {micro} ran out of memory; trying {cand}")
+        rc, _, out = run_job(probe_dir, None, log)
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        if rc == 0:
+            return (f"stages[{i}].micro_batch: {micro} images per micro-batch do not fit in this device's memory; "
+                    f"the largest that fits is {cand}: set stages[{i}].micro_batch: {cand}")
+        if rc != OUT_OF_MEMORY_EXIT:
+            raise RuntimeError(f"the memory probe with micro_batch {cand} failed with exit status {rc}:\n"
+                               + "\n".join(out.strip().splitlines()[-10:]))
+    return (f"stages[{i}]: not even a micro-batch of 1 fits in this device's memory; use a smaller model or a "
+            f"larger GPU (or cluster.parallel: fsdp)")
 
 
 def report(m: Manifest, result: dict, manifest_path: str) -> str:

@@ -212,7 +212,7 @@ def cmd_run(args) -> int:
         return run_with_dashboard(run_dir)
     from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
-    from pixeldiff.train import RunLocked, exit_code, run_job
+    from pixeldiff.train import OUT_OF_MEMORY_EXIT, OutOfMemory, RunLocked, exit_code, run_job
 
     try:
         reason = run_job(run_dir, log=lambda s: print(s, flush=True))
@@ -226,6 +226,9 @@ def cmd_run(args) -> int:
     except StorageError as e:  # disk full, S3 down: the previous checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OutOfMemory as e:
+        print(f"error: {e}", file=sys.stderr)
+        return OUT_OF_MEMORY_EXIT
     return exit_code(reason)
 
 

@@ -50,6 +50,17 @@ from pixeldiff.weights import random_init_warning
 
 
 DEADLINE_STOP, BUDGET_STOP, DIVERGED = 1000, 1001, 1002  # stop codes above every signal number
+OUT_OF_MEMORY_EXIT = 3  # `python -m pixeldiff.train`: a micro-batch did not fit in the GPU's memory
+
+
+class OutOfMemory(RuntimeError):
+    """A stage's micro-batch does not fit in this device's memory (the ledger's `out_of_memory` says which)."""
+
+    def __init__(self, stage_index: int, stage: str, micro: int, device: str):
+        self.stage_index, self.micro = stage_index, micro
+        super().__init__(f"stage {stage}: a micro-batch of {micro} does not fit in the memory of {device}; set "
+                         f"stages[{stage_index}].micro_batch smaller (gradient accumulation keeps the global batch; "
+                         f"`pixeldiff-launch calibrate` finds the largest that fits)")
 UNDER_BUDGET = 0.8  # a schedule needing less than this fraction of the budget's time left is said to end inside it
 NAN_AT_STEP_ENV = "PIXELDIFF_TEST_NAN_AT_STEP"  # tests only: the loss of step N (1-based), or from N on ("N+"), is NaN
 
@@ -170,6 +181,7 @@ class Trainer:
         self.m = m = load_resolved(self.run_dir / "manifest.yaml")
         check_batches(m, env.world_size)
         self.device = distributed.pick_device(m.cluster.device, env)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "the CPU"
         self.schedule = StageSchedule.from_manifest(m)
         self.encoder = make_text_encoder(m.data.text, self.device, storage_options(m.data.s3))
         null_text, null_mask = null_caption(m, self.encoder)
@@ -201,6 +213,7 @@ class Trainer:
         # a job that saves and stops at this step as at its deadline (pixeldiff-launch calibrate: a stage switch
         # across two jobs)
         self.stop_at = int(os.environ.get("PIXELDIFF_STOP_AT_STEP") or 0)
+        self.oom_above = int(os.environ.get("PIXELDIFF_TEST_OOM_ABOVE") or 0)
         self.metrics = MetricsLogger(self.run_dir, env.is_main, self.device, m.logging.metrics_interval, log=self.log)
         self.metrics.speed(lambda res, text_len: 3 * forward_flops(m.model, m.data.text.dim, res, text_len, m.tread),
                            env.world_size, device_peak_tflops(self.device, m.cluster.peak_tflops))
@@ -315,8 +328,18 @@ class Trainer:
         lr = lr_at(st.step, m.optimizer) * st.lr_scale
         self.opt.set_lr(lambda base: lr_at(st.step, m.optimizer, base) * st.lr_scale)  # each group from its own base
         repa_at = m.losses.repa.block if self.teacher is not None and repa_active(m, st.stage, st.step) else None
+        try:
+            return self._accumulate(batches, micro, accum, lr, repa_at)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(st.stage, m.stages[st.stage].name, micro, self.device_name) from None
+
+    def _accumulate(self, batches, micro: int, accum: int, lr: float, repa_at) -> dict:
+        """train_step's work: the micro-batches' forward and backward, then the optimizer step."""
+        m, st = self.m, self.state
         total, parts = 0.0, {}
         for a in range(accum):
+            if self.oom_above and micro > self.oom_above:  # PIXELDIFF_TEST_OOM_ABOVE: the GPU memory's limit, faked
+                raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {micro} > {self.oom_above})")
             t_data = time.perf_counter()
             images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim)
             self.metrics.data_wait(time.perf_counter() - t_data)
@@ -475,6 +498,10 @@ class Trainer:
             self.metrics.event("warning", message=message, step=st.step)
         try:
             self.loop(stop)
+        except OutOfMemory as e:
+            self.metrics.event("out_of_memory", step=st.step, stage=e.stage_index, micro_batch=e.micro)
+            self.end_segment(f"failed: {e}", step=st.step)
+            raise
         except (DataError, checkpoint.StorageError, checkpoint.CheckpointError) as e:
             self.end_segment(f"failed: {e}", step=st.step)
             raise
@@ -644,6 +671,8 @@ def main(argv=None) -> int:
         return failed(f"error: the data cannot feed the run: {e}", 1)
     except checkpoint.StorageError as e:
         return failed(f"error: {e}", 1)
+    except OutOfMemory as e:
+        return failed(f"error: {e}", OUT_OF_MEMORY_EXIT)
     return exit_code(reason)
 
 

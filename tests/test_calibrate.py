@@ -65,3 +65,25 @@ def test_calibrate_reports_a_job_that_cannot_read_its_data(tmp_path):
                 "--set", f"data.shards={tmp_path}/missing-{{000..001}}.tar")
     assert r.returncode == 1 and "error: the calibration job stopping at step 2 failed" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_micro_batch_that_does_not_fit_names_the_largest_that_does(tmp_path):
+    """GPU memory cannot run out here: PIXELDIFF_TEST_OOM_ABOVE=8 makes the trainer raise torch's OutOfMemoryError
+    for micro-batches above 8 (the one fake: the device's memory). One GPU's batch is 32: 32 fails in the real
+    calibration job, then the probes try 16 (fails) and 8 (fits)."""
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "launcher.cli", "calibrate", DRYRUN, "--steps", "2", "--runs-dir",
+                        str(tmp_path / "runs")], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "PIXELDIFF_TEST_OOM_ABOVE": "8"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert ("error: stages[0].micro_batch: 32 images per micro-batch do not fit in this device's memory; the "
+            "largest that fits is 8: set stages[0].micro_batch: 8") in r.stderr, r.stderr
+    assert "a micro-batch of 32 ran out of memory; trying 16" in r.stdout and "trying 8" in r.stdout
+    assert "trying 4" not in r.stdout
+    oom = [e for e in read_jsonl(tmp_path / "runs" / "dryrun-calibrate" / "ledger.jsonl")
+           if e["event"] == "out_of_memory"]
+    assert [(e["stage"], e["micro_batch"]) for e in oom] == [(0, 32)]
+    assert not (tmp_path / "runs" / "dryrun-calibrate-probe").exists()  # the probes clean up
