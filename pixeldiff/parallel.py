@@ -51,6 +51,10 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
     elif world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
+        if cluster.bf16_comm:  # gradients all-reduced in bf16 (half the bytes), then back to fp32 for the optimizer
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     net = ddp or model
     if cluster.compile:
         # static shapes: the 512 -> 1024 px switch compiles once more instead of recompiling with symbolic sizes;
