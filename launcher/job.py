@@ -230,7 +230,7 @@ def rank_main(run_dir: Path, environ=os.environ) -> int:
     from pixeldiff import distributed
     from pixeldiff.checkpoint import CheckpointError, StorageError
     from pixeldiff.shards import DataError
-    from pixeldiff.train import RunLocked, run_job
+    from pixeldiff.train import OutOfMemory, RunLocked, run_job
 
     run_dir = Path(run_dir)
     rank = distributed.env_from(environ).rank
@@ -243,8 +243,9 @@ def rank_main(run_dir: Path, environ=os.environ) -> int:
         # the trainer's flag-setting handlers stay to the end: a late signal must not cut its last writes short
         reason = run_job(run_dir, log=lambda s: print(s, flush=True), restore_signals=False)
     # another job would fail the same way; StorageError (disk full, S3 down past the retries) is the shared
-    # storage's, not this node's: stop, blame no node, `run` resumes once it is fixed
-    except (ConfigError, DataError, CheckpointError, StorageError, RunLocked) as e:
+    # storage's, not this node's: stop, blame no node, `run` resumes once it is fixed; so is a micro-batch that
+    # does not fit in the GPU's memory (every node's GPUs are the same: a requeue would run out again)
+    except (ConfigError, DataError, CheckpointError, StorageError, RunLocked, OutOfMemory) as e:
         report_failure(run_dir, rank, e, environ, fatal=True)
         print(f"pixeldiff: rank {rank}: {type(e).__name__}: {e}", flush=True)
         return 1

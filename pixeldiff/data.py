@@ -86,11 +86,13 @@ def text_bucket(n: int, max_tokens: int) -> int:
     return min(max_tokens, max(quarter, -(-n // quarter) * quarter))
 
 
-def to_device(b: dict, encoder, device: torch.device, trim: int = 0, min_len: int = 0):
+def to_device(b: dict, encoder, device: torch.device, trim: int = 0, min_len: int = 0, agree=None):
     """A batch as the model takes it: -> images (B, 3, H, W) in [-1, 1], text (B, L, D) float, mask (B, L), on
     `device` (captions embedded by `encoder`; precomputed embeddings padded to L = the batch's `text_len`).
     `trim` (max_tokens): L is instead `text_bucket` of the batch's longest real caption (and `min_len`, the null
-    caption's), decided on the host before the copy: no device synchronisation."""
+    caption's), decided on the host before the copy: no device synchronisation. `agree(L)`: the ranks' largest L
+    (every rank runs the same text shape, so a compiled step recompiles on all ranks at once, never on one while
+    the others wait in its collectives)."""
     images = b["image"].to(device, non_blocking=True)
     if images.dtype == torch.uint8:
         images = images.float().div_(127.5).sub_(1)
@@ -99,6 +101,7 @@ def to_device(b: dict, encoder, device: torch.device, trim: int = 0, min_len: in
         full = b.get("text_len", emb.shape[1])
         if trim:
             full = text_bucket(max(emb.shape[1], min_len), trim)
+            full = agree(full) if agree else full
         emb, mask = emb.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         pad = full - emb.shape[1]
         text = torch.nn.functional.pad(emb.float(), (0, 0, 0, pad))
@@ -108,6 +111,7 @@ def to_device(b: dict, encoder, device: torch.device, trim: int = 0, min_len: in
         real = mask.any(dim=0).nonzero()  # the CPU's mask: no device sync
         n = int(real.max()) + 1 if real.numel() else 0
         L = text_bucket(max(n, min_len), trim)
+        L = agree(L) if agree else L
         text, mask = text[:, :L], mask[:, :L]
     return images, text.to(device), mask.to(device)
 

@@ -59,6 +59,13 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
     if cluster.compile:
         # static shapes: the 512 -> 1024 px switch compiles once more instead of recompiling with symbolic sizes;
         # the compiled graphs persist in TORCHINDUCTOR_CACHE_DIR (RUN_DIR/compile-cache: pixeldiff/train.py)
+        # graphs: resolutions x trimmed text lengths (4, data.text.trim) x aspect buckets, beyond dynamo's default
+        # limit of 8 recompiles (past it, silently eager)
+        import torch._dynamo as dynamo  # (not `import torch._dynamo`: that would make `torch` local here)
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
         net = torch.compile(net, dynamic=False)
     return Parallel(net, model, ddp, fsdp)
 

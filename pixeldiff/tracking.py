@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 TRACKING_FILE = "tracking.json"
+FINISH_WAIT_S = 60.0  # the longest a job's end waits for W&B to finish sending
 SKIP = {"step", "time", "stage"}
 
 
@@ -101,6 +102,9 @@ class WandbTracker:
                               settings=wandb.Settings(console="off", quiet=True, init_timeout=120))
         self.first_step = resume_step + 1  # records below this belong to the checkpoint's past
         self.failed = False
+        # W&B's next step, read once (asking the service each time costs a round trip, and a slow or gone service
+        # would raise outside the guard): online, the resumed run's last step + 1; offline, 0
+        self.next_step = int(self.run.step or 0)
         self.backfill(Path(run_dir), resume_step)
 
     def backfill(self, run_dir: Path, resume_step: int) -> None:
@@ -113,7 +117,7 @@ class WandbTracker:
         for name, group in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
             latest = {r["step"]: r for r in read_jsonl(run_dir / name) if isinstance(r.get("step"), int)}
             for step, rec in latest.items():
-                if self.run.step <= step <= resume_step:
+                if self.next_step <= step <= resume_step:
                     rows.setdefault(step, {}).update({f"{group}/{k}": v for k, v in scalars(rec).items()})
         first, self.first_step = self.first_step, 0
         for step in sorted(rows):
@@ -121,10 +125,11 @@ class WandbTracker:
         self.first_step = first
 
     def _send(self, what: str, step: int, data: dict) -> None:
-        if self.failed or step < max(self.first_step, self.run.step) or not data:
+        if self.failed or step < max(self.first_step, self.next_step) or not data:
             return
         try:
             self.run.log(data, step=step)
+            self.next_step = step  # the same step may take more (an evaluation, the grid); a lower one may not
         except Exception as e:  # the training goes on without W&B
             self.failed = True
             self.say(f"WARNING: W&B logging stopped at step {step} ({what}: {type(e).__name__}: {e}); "
@@ -136,11 +141,23 @@ class WandbTracker:
     def image(self, tag: str, step: int, path: Path) -> None:
         self._send(tag, step, {tag: self.wandb.Image(str(path))})
 
-    def close(self) -> None:
-        try:
-            self.run.finish()
-        except Exception as e:
-            self.say(f"WARNING: W&B run did not finish cleanly ({type(e).__name__}: {e})")
+    def close(self, wait_s: float = FINISH_WAIT_S) -> None:
+        """Finish the run, waiting at most `wait_s`: the job's end (its final checkpoint is already written) must
+        not wait on a slow network; what W&B has not sent stays in RUN_DIR/wandb/ for `wandb sync`."""
+        import threading
+
+        def finish():
+            try:
+                self.run.finish()
+            except Exception as e:
+                self.say(f"WARNING: W&B run did not finish cleanly ({type(e).__name__}: {e})")
+
+        t = threading.Thread(target=finish, name="wandb-finish", daemon=True)
+        t.start()
+        t.join(wait_s)
+        if t.is_alive():
+            self.say(f"WARNING: W&B did not finish within {wait_s:.0f} s; the job ends without waiting (its files "
+                     f"are in RUN_DIR/wandb/: `wandb sync` sends the rest)")
 
 
 def preflight(m) -> None:

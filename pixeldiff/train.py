@@ -341,7 +341,8 @@ class Trainer:
             if self.oom_above and micro > self.oom_above:  # PIXELDIFF_TEST_OOM_ABOVE: the GPU memory's limit, faked
                 raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {micro} > {self.oom_above})")
             t_data = time.perf_counter()
-            images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim)
+            images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim,
+                                           agree=distributed.agree_max if self.env.world_size > 1 else None)
             self.metrics.data_wait(time.perf_counter() - t_data)
             self.metrics.batch_text(images.shape[0], text.shape[1])
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)

@@ -87,3 +87,25 @@ def test_a_micro_batch_that_does_not_fit_names_the_largest_that_does(tmp_path):
            if e["event"] == "out_of_memory"]
     assert [(e["stage"], e["micro_batch"]) for e in oom] == [(0, 32)]
     assert not (tmp_path / "runs" / "dryrun-calibrate-probe").exists()  # the probes clean up
+
+
+def test_out_of_memory_in_a_slurm_task_is_fatal_and_blames_no_node(write_manifest, tmp_path):
+    """Every node's GPUs are the same: a rank out of memory reports a fatal failure (no requeue that would run out
+    again, no node excluded), with the stage and the fix in its one line."""
+    import os
+    import subprocess
+    import sys
+
+    from launcher.cli import prepare_run_dir
+    from launcher.job import failed_nodes
+    from launcher.manifest import load_manifest
+
+    run_dir, _ = prepare_run_dir(load_manifest(write_manifest(steps=(4, 2))), tmp_path / "runs")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIXELDIFF_TEST_OOM_ABOVE": "2", "SLURM_JOB_ID": "77",
+           "SLURMD_NODENAME": "node3"}
+    r = subprocess.run([sys.executable, "-m", "launcher.job", str(run_dir)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "OutOfMemory: stage 16px: a micro-batch of 8 does not fit" in r.stdout, r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    nodes, first, fatal = failed_nodes(run_dir, 1, {"SLURM_JOB_ID": "77"})
+    assert fatal and nodes == [] and "set stages[0].micro_batch smaller" in first, (nodes, first, fatal)

@@ -43,11 +43,12 @@ def test_text_buckets_are_quarters_of_max_tokens():
     assert text_bucket(5, 8) == 8  # a quarter under 8 tokens: one shape, max_tokens
 
 
-@pytest.mark.parametrize("data", [
-    {"text": {"max_tokens": 64, "dim": 16}},  # builtin encoder: captions of a few words
-    "precomputed",
+@pytest.mark.parametrize("data, ranks", [
+    ({"text": {"max_tokens": 64, "dim": 16}}, 1),  # builtin encoder: captions of a few words
+    ("precomputed", 1),
+    ("precomputed", 2),  # each rank's batches from other shards: the ranks agree on one length per micro-batch
 ])
-def test_trimmed_text_trains_to_the_same_losses(write_manifest, tmp_path, data):
+def test_trimmed_text_trains_to_the_same_losses(write_manifest, tmp_path, data, ranks):
     """data.text.trim cuts the masked padding: every loss of a short run is what the padded run gives, to 1e-6
     relative (a shorter key length can change the order of the attention kernel's float sums: 3e-8 seen here)."""
     if data == "precomputed":  # shards embedded by the real tool, as a user makes them
@@ -68,15 +69,43 @@ def test_trimmed_text_trains_to_the_same_losses(write_manifest, tmp_path, data):
         d = {**data, "text": {**data["text"], "trim": trim}}
         manifest = write_manifest(name=f"trim-{trim}", steps=(6, 2), data=d,
                                   logging={"metrics_interval": 1, "sample_interval": 0})
-        r = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "runs"))
-        assert r.returncode == 0, r.stdout + r.stderr
+        if ranks == 1:
+            r = run_cli("launcher.cli", "run", str(manifest), "--runs-dir", str(tmp_path / "runs"))
+            assert r.returncode == 0, r.stdout + r.stderr
+        else:
+            from distutil import collect, torchrun
+            from launcher.cli import prepare_run_dir
+
+            run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+            proc = torchrun(run_dir, ranks)
+            out = collect(proc, timeout=300)
+            assert proc.returncode == 0, out
         recs = [x for x in read_jsonl(tmp_path / "runs" / f"trim-{trim}" / "metrics.jsonl") if "loss" in x]
         losses[trim] = [(x["step"], x["loss"], x["grad_norm"]) for x in recs]
         m = load_manifest(manifest)
         for x in recs[-2:]:  # the FLOPs count the text the steps ran: 16 tokens trimmed (captions of 2-3), 64 not
             flops = 3 * forward_flops(m.model, 16, x["resolution"], 16 if trim else 64, m.tread)
-            assert x["tflops_per_gpu"] == pytest.approx(flops * x["img_per_s"] / 1e12, rel=0.05, abs=2e-4)
+            assert x["tflops_per_gpu"] == pytest.approx(flops * x["img_per_s"] / ranks / 1e12, rel=0.05, abs=2e-4)
     assert len(losses[True]) == 8
     assert [s for s, _, _ in losses[True]] == [s for s, _, _ in losses[False]]
     for (_, a, ga), (_, b, gb) in zip(losses[True], losses[False]):
         assert a == pytest.approx(b, rel=1e-6) and ga == pytest.approx(gb, rel=1e-5), (losses[True], losses[False])
+
+
+def test_to_device_takes_the_ranks_agreed_text_length():
+    import torch
+
+    from pixeldiff.data import to_device
+    from pixeldiff.text import BuiltinTextEncoder
+
+    enc = BuiltinTextEncoder(dim=16, max_tokens=64)
+    b = {"image": torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "caption": ["a cat", "a red dog"]}
+    _, text, mask = to_device(b, enc, torch.device("cpu"), trim=64)
+    assert text.shape[1] == 16 and mask[:, :3].any()
+    _, text, mask = to_device(b, enc, torch.device("cpu"), trim=64, agree=lambda n: max(n, 48))
+    assert text.shape == (2, 48, 16) and not mask[:, 16:].any()
+    emb = {"image": b["image"], "emb": torch.ones(2, 5, 16, dtype=torch.float16),
+           "mask": torch.ones(2, 5, dtype=torch.bool), "text_len": 64}
+    assert to_device(emb, None, torch.device("cpu"))[1].shape[1] == 64  # untrimmed: max_tokens
+    assert to_device(emb, None, torch.device("cpu"), trim=64)[1].shape[1] == 16
+    assert to_device(emb, None, torch.device("cpu"), trim=64, agree=lambda n: 32)[1].shape[1] == 32

@@ -149,3 +149,34 @@ def test_wandb_without_a_key_or_the_package_is_refused_before_anything_starts(tm
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith(f"error: {message}") and "Traceback" not in out.stderr, (
         out.stdout + out.stderr)
+
+
+def test_a_wandb_that_fails_or_hangs_never_stops_the_training(write_manifest, tmp_path):
+    """The service gone mid-run: one warning, then no more logging; a finish that never returns: the job's end
+    waits a bounded time. (The real wandb, offline; its methods made to fail, the only way to fail it here.)"""
+    import threading
+    import time
+
+    from pixeldiff.tracking import WandbTracker
+
+    manifest = write_manifest(logging={"wandb": {"project": "p", "mode": "offline"}})
+    run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
+    said = []
+    t = WandbTracker(run_dir, load_manifest(manifest), 0, log=said.append)
+    t.log("train", 1, {"loss": 1.0})
+    real_finish = t.run.finish
+
+    def gone(*a, **k):
+        raise ConnectionResetError("the service is gone")
+
+    t.run.log = gone
+    t.log("train", 2, {"loss": 0.5})
+    t.log("train", 3, {"loss": 0.25})
+    assert t.failed and len(said) == 1 and "W&B logging stopped at step 2" in said[0], said
+    release = threading.Event()
+    t.run.finish = lambda *a, **k: release.wait(30)
+    t0 = time.monotonic()
+    t.close(wait_s=1.0)
+    assert time.monotonic() - t0 < 5 and "W&B did not finish within 1 s" in said[-1], said
+    release.set()
+    real_finish()
