@@ -21,6 +21,7 @@ warns that the plan is the manifest's estimate. One device cannot measure the da
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -49,6 +50,22 @@ def default_calibration(runs_dir: Path, name: str) -> Path:
 
 class CalibrationError(ValueError):
     """The manifest cannot be calibrated as given (exit 2)."""
+
+
+def fingerprint(m: Manifest) -> str:
+    """What a calibration's numbers depend on: the model, text, stages' shapes per GPU, losses, recipe switches,
+    parallelism and compile; not the budget, the cluster's size or the names. -> a short hash."""
+    import hashlib
+
+    from pixeldiff.config import to_dict
+
+    d = to_dict(m)
+    world = m.world_size
+    key = {"model": d["model"], "text": d["data"]["text"], "objective": d["objective"], "losses": d["losses"],
+           "tread": d["tread"], "optimizer": d["optimizer"]["name"], "buckets": d["data"].get("buckets"),
+           "cluster": {k: d["cluster"][k] for k in ("parallel", "compile", "bf16_comm", "device")},
+           "stages": [(s.resolution, s.global_batch // world, s.micro_batch, s.repa) for s in m.stages]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def calibration_manifest(m: Manifest, steps: int) -> Manifest:
@@ -80,20 +97,40 @@ def calibration_manifest(m: Manifest, steps: int) -> Manifest:
 
 
 def run_job(run_dir: Path, stop_at: int | None, log) -> tuple[int, float, str]:
-    """One local job of the calibration run. -> (exit status, its start time, its output)."""
+    """One local job of the calibration run. -> (exit status, its start time, its output). The job runs in its own
+    process group; if this process is stopped (Ctrl-C, SIGTERM, a timeout) the job is stopped with it, never left
+    holding the GPU."""
     import os
+    import signal
 
     env = {**os.environ, **({"PIXELDIFF_STOP_AT_STEP": str(stop_at)} if stop_at else {})}
     env.pop("SLURM_JOB_ID", None)
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-u", "-m", "pixeldiff.train", str(run_dir)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
     lines = []
-    for line in p.stdout:
-        lines.append(line)
-        if not line.startswith("{"):  # the job's news, not its per-interval dicts
-            log(f"  | {line.rstrip()}")
-    return p.wait(), t0, "".join(lines)
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if not line.startswith("{"):  # the job's news, not its per-interval dicts
+                log(f"  | {line.rstrip()}")
+        return p.wait(), t0, "".join(lines)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if p.poll() is None:  # stopped before the job ended: end it too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)  # it saves and exits
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 def stage_rows(m: Manifest, cm: Manifest, run_dir: Path, job_starts: list[float]) -> list[dict]:
@@ -180,7 +217,8 @@ def calibrate(m: Manifest, runs_dir: Path, steps: int, log=print) -> dict:
     rows = stage_rows(m, cm, run_dir, starts)
     evals = read_jsonl(run_dir / "eval.jsonl")
     result = {
-        "manifest": m.name, "device": device_name(run_dir), "steps_per_stage": steps, "commit": code_version(),
+        "manifest": m.name, "fingerprint": fingerprint(m), "device": device_name(run_dir), "steps_per_stage": steps,
+        "commit": code_version(),
         "date": time.strftime("%Y-%m-%d"), "stages": rows,
         "img_per_s_per_gpu": {str(r["resolution"]): r["img_per_s_per_gpu"] for r in rows
                               if r["img_per_s_per_gpu"]},

@@ -83,13 +83,14 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     return run_dir, False
 
 
-def check_weights(m: Manifest) -> None:
+def check_weights(m: Manifest, tracking: bool = True) -> None:
     """Local perceptual-loss weights must exist before anything starts (s3:// ones are checked when the job starts);
     random-init perceptual networks are announced on stderr. W&B (logging.wandb) is installed and has a key."""
-    from pixeldiff import tracking
+    from pixeldiff import tracking as trackers
     from pixeldiff.weights import preflight
 
-    tracking.preflight(m)
+    if tracking:
+        trackers.preflight(m)
     for message in preflight(m):
         print(f"warning: {message}", file=sys.stderr)
 
@@ -236,7 +237,7 @@ def cmd_calibrate(args) -> int:
     from launcher.calibrate import CalibrationError, calibrate, report
 
     m = load_manifest(Path(args.manifest), args.set)
-    check_weights(m)
+    check_weights(m, tracking=False)  # the calibration run logs to no tracker
     try:
         result = calibrate(m, Path(args.runs_dir), args.steps, log=lambda s: print(s, flush=True))
     except CalibrationError as e:
@@ -244,6 +245,9 @@ def cmd_calibrate(args) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("calibration stopped; its job was stopped with it", file=sys.stderr)
+        return 130
     print(report(m, result, args.manifest))
     return 0
 
@@ -258,13 +262,23 @@ def found_calibration(args, m: Manifest) -> Path | None:
 
     if getattr(args, "calibration", None):
         return Path(args.calibration)
+    from launcher.calibrate import fingerprint
+
     path = default_calibration(Path(getattr(args, "runs_dir", "runs")), m.name)
-    if path.exists():
+    if not path.exists():
+        return None
+    try:
         data = json.loads(path.read_text())
-        print(f"using the calibration {path} ({data.get('device')}, {data.get('date')}, commit {data.get('commit')})",
-              file=sys.stderr)
-        return path
-    return None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path}: not a calibration file ({e}); run `pixeldiff-launch calibrate` again or delete "
+                         f"it") from None
+    if data.get("fingerprint") != fingerprint(m):
+        print(f"warning: {path} calibrated another version of {m.name} (its model, stages, losses or switches "
+              f"differ): not used; run `pixeldiff-launch calibrate` again", file=sys.stderr)
+        return None
+    print(f"using the calibration {path} ({data.get('device')}, {data.get('date')}, commit {data.get('commit')})",
+          file=sys.stderr)
+    return path
 
 
 def cmd_eval(args) -> int:
@@ -302,8 +316,15 @@ def eval_on_slurm(args, run_dir: Path, m: Manifest) -> int:
 
     if args.time_min < 1:
         raise UsageError(f"--time-min: at least 1 minute, got {args.time_min}")
+    from pixeldiff.checkpoint import StorageError
+
     root = checkpoint_root(m, run_dir)
-    names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in list_checkpoints(root, storage_options(m.data.s3))[0]]
+    try:
+        found = list_checkpoints(root, storage_options(m.data.s3))[0]
+    except StorageError as e:
+        print(f"error: cannot list the checkpoints in {root}: {e}", file=sys.stderr)
+        return 1
+    names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in found]
     if not names:
         raise UsageError(f"{run_dir} has no checkpoint yet: nothing to evaluate")
     if args.checkpoint is not None and args.checkpoint not in names:  # found here, not in a queued job
@@ -320,9 +341,13 @@ def eval_on_slurm(args, run_dir: Path, m: Manifest) -> int:
     if args.detach:
         print(f"its record is appended to {run_dir / 'eval.jsonl'} with job_id {job_id}")
         return 0
-    rec = wait_for(run_dir, job_id, timeout_s=minutes * 60 + args.queue_wait)
+    rec, gone = wait_for(run_dir, job_id, timeout_s=minutes * 60 + args.queue_wait)
+    if rec is None and not gone:
+        print(f"evaluation job {job_id} is still queued or running after {minutes * 60 + args.queue_wait:.0f} s; "
+              f"its record will be appended to {run_dir / 'eval.jsonl'} (job_id {job_id})", file=sys.stderr)
+        return 10
     if rec is None:
-        print(f"error: evaluation job {job_id} wrote no record; see {log}", file=sys.stderr)
+        print(f"error: evaluation job {job_id} ended without a record; see {log}", file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in rec.items() if k not in ("preprocess",)}))
     return 0

@@ -85,8 +85,8 @@ def submit_eval(run_dir: Path, m: Manifest, checkpoint: str | None, samples: int
     return str(job.job_id)
 
 
-def wait_for(run_dir: Path, job_id: str, timeout_s: float, poll_s: float = 2.0, slurm=None) -> dict | None:
-    """Until the job has left the queue (or `timeout_s`): -> its record in eval.jsonl, or None."""
+def wait_for(run_dir: Path, job_id: str, timeout_s: float, poll_s: float = 2.0, slurm=None) -> tuple[dict | None, bool]:
+    """Until the job has left the queue (or `timeout_s`): -> (its record in eval.jsonl or None, whether it left)."""
     from slurm.commands import Slurm, SlurmError
 
     slurm = slurm or Slurm(min_interval_s=0)
@@ -98,9 +98,9 @@ def wait_for(run_dir: Path, job_id: str, timeout_s: float, poll_s: float = 2.0, 
         except SlurmError:
             gone = False
         if gone:
-            return rec or record_of(run_dir, job_id)
+            return rec or record_of(run_dir, job_id), True
         time.sleep(poll_s)
-    return record_of(run_dir, job_id)
+    return record_of(run_dir, job_id), False
 
 
 def rank_main(argv: list[str]) -> int:

@@ -100,8 +100,9 @@ def env_from(environ=os.environ) -> DistEnv:
     return DistEnv()
 
 
-def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
-    """Join the process group (no-op for one process)."""
+def init(env: DistEnv, device: torch.device, timeout_s: float = 600, steady_s: float | None = None) -> None:
+    """Join the process group (no-op for one process). `timeout_s`: collectives' timeout while a job starts;
+    `steady_s`: once it trains (`set_timeout` switches)."""
     if env.world_size == 1 or dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
@@ -111,20 +112,28 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
     global _checkpoint_group, _control_group
     _checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-    _control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    # a gloo group's timeout is fixed when it is made: one control group per phase, chosen by set_timeout
+    _control_groups.clear()
+    for seconds in dict.fromkeys([timeout_s, steady_s or timeout_s]):
+        _control_groups[seconds] = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+    _control_group = _control_groups[timeout_s]
 
 
 _checkpoint_group = None
 # the step boundary's agreements (host integers): CPU tensors over gloo, so that agreeing never waits for the GPU's
 # queued work (on NCCL a device tensor and its .tolist() synchronised the host with the stream at every step)
 _control_group = None
+_control_groups: dict = {}
 
 
 def set_timeout(seconds: float) -> None:
-    """How long a training collective may wait: long while a job starts or ends, short in steady state. The
-    checkpoint group keeps its start-up timeout: a save waits for the slowest rank's write."""
+    """How long a training collective may wait: long while a job starts or ends, short in steady state (the
+    default group on NCCL, and the step boundary's control group). The checkpoint group keeps its start-up
+    timeout: a save waits for the slowest rank's write."""
+    global _control_group
     if dist.is_initialized() and dist.get_backend() == "nccl":  # on gloo it aborted a rank at exit (torch 2.14)
         dist.set_timeout(timedelta(seconds=seconds))
+    _control_group = _control_groups.get(seconds, _control_group)
 
 
 def checkpoint_group():
@@ -137,6 +146,7 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _checkpoint_group = _control_group = None
+    _control_groups.clear()
 
 
 def device_mesh(device: torch.device):

@@ -419,6 +419,8 @@ class Trainer:
             if first:  # a new stage: a new stream from the consumed position, and a first step that may compile
                 layout = (stage.resolution, *micro_layout(stage, self.env.world_size))
                 batches = self.data.batches(*layout)
+                if self.device.type == "cuda":  # peak_mem_gib in metrics.jsonl: this stage's own
+                    torch.cuda.reset_peak_memory_stats(self.device)
                 distributed.set_timeout(self.timeouts[0])
             t0 = time.perf_counter()
             out = self.train_step(batches)
@@ -639,7 +641,7 @@ def run_job(run_dir: Path, log=print, restore_signals: bool = True) -> str:
     try:
         m = load_resolved(run_dir / "manifest.yaml")
         device = distributed.pick_device(m.cluster.device, env)
-        distributed.init(env, device, timeout_s=collective_timeouts(m)[0])
+        distributed.init(env, device, *collective_timeouts(m))
         try:
             reason = Trainer(run_dir, env, log=log).run(stop)
         except (DataError, checkpoint.StorageError, checkpoint.CheckpointError, ConfigError):

@@ -41,10 +41,15 @@ def test_calibrate_the_dry_run_on_the_cpu_then_plan_with_it(tmp_path):
     plan = run_cli("launcher.cli", "plan", DRYRUN, "--json", "--runs-dir", str(runs))
     assert plan.returncode == 0 and "using the calibration" in plan.stderr, plan.stderr
     assert json.loads(plan.stdout)["stages"][0]["est_img_per_s_per_gpu"] == pytest.approx(rate32)
-    # a second calibration replaces the first (its run directory is disposable)
-    again = run_cli("launcher.cli", "calibrate", DRYRUN, "--steps", "2", "--runs-dir", str(runs), timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert json.loads((run_dir / "calibration.json").read_text())["steps_per_stage"] == 2
+    # another model or micro-batch is another calibration: not used for it
+    other = run_cli("launcher.cli", "plan", DRYRUN, "--json", "--runs-dir", str(runs), "--set", "stages[0].micro_batch=16")
+    assert other.returncode == 0 and "calibrated another version of dryrun" in other.stderr, other.stderr
+    assert json.loads(other.stdout)["stages"][0]["est_img_per_s_per_gpu"] != pytest.approx(rate32)
+    (run_dir / "calibration.json.bak").write_bytes((run_dir / "calibration.json").read_bytes())
+    (run_dir / "calibration.json").write_text("{not json")
+    broken = run_cli("launcher.cli", "plan", DRYRUN, "--runs-dir", str(runs))
+    assert broken.returncode == 2 and "not a calibration file" in broken.stderr and "Traceback" not in broken.stderr
+    (run_dir / "calibration.json").write_bytes((run_dir / "calibration.json.bak").read_bytes())
 
 
 @pytest.mark.parametrize("args, message", [
@@ -109,3 +114,34 @@ def test_out_of_memory_in_a_slurm_task_is_fatal_and_blames_no_node(write_manifes
     assert "Traceback" not in r.stdout + r.stderr
     nodes, first, fatal = failed_nodes(run_dir, 1, {"SLURM_JOB_ID": "77"})
     assert fatal and nodes == [] and "set stages[0].micro_batch smaller" in first, (nodes, first, fatal)
+
+
+def test_a_stopped_calibrate_stops_its_job(tmp_path):
+    """SIGTERM to calibrate alone (a `timeout`, a closed terminal): the trainer job it started, in its own process
+    group, is stopped too and does not hold the device."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "calibrate", DRYRUN, "--steps", "400",
+                             "--runs-dir", str(tmp_path / "runs")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ledger = tmp_path / "runs" / "dryrun-calibrate" / "ledger.jsonl"
+    deadline = time.time() + 180
+    starts = []
+    while time.time() < deadline and not starts:
+        starts = [e for e in read_jsonl(ledger) if e["event"] == "segment_start"] if ledger.exists() else []
+        time.sleep(0.5)
+    assert starts, "the calibration job did not start"
+    job = int(starts[0]["job_id"].split("-")[1])  # local-<pid>
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and "its job was stopped with it" in err and "Traceback" not in err, err
+    try:
+        os.kill(job, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, f"the calibration job {job} is still running"

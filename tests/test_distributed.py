@@ -264,3 +264,14 @@ def test_bf16_gradient_reduction_trains_close_to_fp32_and_resumes(write_manifest
     r = subprocess.run([sys.executable, "-m", "pixeldiff.train", str(again / m.name)], cwd=REPO, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and "resumed from" in r.stdout and "step-00000004" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_step_boundary_agreement_times_out_by_phase():
+    """The control group (gloo, CPU tensors) waits the start-up timeout while a job starts and the short one once
+    it trains: a rank 6 s late in steady state (timeout 2 s) makes the other time out; 4 s late at start-up does
+    not."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "control_ranks.py")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert "rank 0: timed out in steady state" in out, out
