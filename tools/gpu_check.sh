@@ -35,8 +35,9 @@ if [ "${PIXELDIFF_GPU_CHECK_SMOKE:-0}" = 1 ]; then
     DATA=(--images 64 --size 96x80 --res 64 --per-shard 16); WORKERS="1 2"; RESES="64"
 else
     MANIFEST=manifests/speedrun.yaml; STEPS=20
+    # synthetic captions are a few words: text untrimmed, at the full 256 tokens real captions can reach
     SETS=(--set data.source=synthetic --set data.text.encoder=builtin --set data.text.prompt_embeddings=null
-          --set eval.enabled=false --set cluster.compile=true)
+          --set data.text.trim=false --set eval.enabled=false --set cluster.compile=true)
     BENCH=(--preset JiT-32 --res 512:32 --text-len 256 --text-dim 2304 --steps 10 --warmup 3
            --modes eager,compile,eager+tread,eager+lpips,eager+dino,eager+repa,eager+tread+lpips+dino+repa,eager+muon)
     DATA=(--images 1024 --size 768x640 --per-shard 128); WORKERS="1 4 8"; RESES="512 1024"
