@@ -29,7 +29,7 @@ from pixeldiff import checkpoint, distributed, tracking
 from pixeldiff.budget import JobClock
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, resolve_model_config, to_dict
 from pixeldiff.evaluate import training_holdout
-from pixeldiff.data import BatchSource, SyntheticSource, to_device
+from pixeldiff.data import BatchSource, SyntheticSource, text_bucket, to_device
 from pixeldiff.ema import EMA
 from pixeldiff.guard import DivergenceGuard
 from pixeldiff.ledger import read_jsonl
@@ -188,7 +188,11 @@ class Trainer:
         # kept on the device: caption dropout and guidance use them every step
         self.objective = XPrediction(m.objective, null_text.to(self.device), null_mask.to(self.device))
         real = null_mask.nonzero()
-        self.trim = (m.data.text.max_tokens, int(real.max()) + 1 if real.numel() else 0) if m.data.text.trim else (0, 0)
+        trim = m.data.text.trim and text_bucket(0, m.data.text.max_tokens) < m.data.text.max_tokens  # > 1 length
+        self.trim = (m.data.text.max_tokens, int(real.max()) + 1 if real.numel() else 0) if trim else (0, 0)
+        # compiled (static shapes): the ranks agree on each micro-batch's text length, so that a new length
+        # recompiles on all ranks at once; eager ranks may differ (the gradients' shapes do not)
+        self.agree_text = distributed.agree_max if trim and m.cluster.compile and env.world_size > 1 else None
         self.data = build_data(m, env, self.device)
         # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and
         # s3:// ones fetched) here, before any training.
@@ -341,8 +345,7 @@ class Trainer:
             if self.oom_above and micro > self.oom_above:  # PIXELDIFF_TEST_OOM_ABOVE: the GPU memory's limit, faked
                 raise torch.OutOfMemoryError(f"CUDA out of memory (test: micro-batch {micro} > {self.oom_above})")
             t_data = time.perf_counter()
-            images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim,
-                                           agree=distributed.agree_max if self.env.world_size > 1 else None)
+            images, text, mask = to_device(next(batches), self.encoder, self.device, *self.trim, agree=self.agree_text)
             self.metrics.data_wait(time.perf_counter() - t_data)
             self.metrics.batch_text(images.shape[0], text.shape[1])
             gen = chunk_generator(m.seed, st.step, self.env.rank * accum + a, self.device)

@@ -46,7 +46,7 @@ def test_text_buckets_are_quarters_of_max_tokens():
 @pytest.mark.parametrize("data, ranks", [
     ({"text": {"max_tokens": 64, "dim": 16}}, 1),  # builtin encoder: captions of a few words
     ("precomputed", 1),
-    ("precomputed", 2),  # each rank's batches from other shards: the ranks agree on one length per micro-batch
+    ("precomputed", 2),  # each rank's batches from other shards, trimmed to their own lengths (eager)
 ])
 def test_trimmed_text_trains_to_the_same_losses(write_manifest, tmp_path, data, ranks):
     """data.text.trim cuts the masked padding: every loss of a short run is what the padded run gives, to 1e-6
