@@ -64,11 +64,13 @@ def rope_2d(h: int, w: int, head_dim: int, theta: float, device: torch.device) -
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, N, head_dim); cos/sin (N, head_dim/2), or (B, 1, N, head_dim/2) per sample (routed tokens);
-    # rotate pairs (x[2i], x[2i+1])
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, heads, N, head_dim) by cos/sin (N, head_dim/2), or (B, 1, N, head_dim/2)
+    per sample (routed tokens). In x's own dtype: a bf16 q or k (the trainer's autocast) is rotated in bf16, with no
+    fp32 copy of it; attention reads bf16 either way, and the extra rounding adds about half again to the score error
+    that rounding q and k to bf16 already makes (tests/test_model.py measures it). fp32 stays fp32."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-ops in fp32; the model caches the tables per dtype
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 # ------------------------------------------------------------------ blocks
@@ -182,10 +184,13 @@ class PixelDiT(nn.Module):
         self.tread_span = tread_span
         self._rope_cache: dict = {}
 
-    def _rope(self, h: int, w: int, device: torch.device):
-        key = (h, w, device)
+    def _rope(self, h: int, w: int, device: torch.device, dtype: torch.dtype):
+        """The cos/sin tables of an h x w grid, computed in fp32 and kept in the dtype q and k have (bf16 under the
+        trainer's autocast: see apply_rope)."""
+        key = (h, w, device, dtype)
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
+            cos, sin = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
+            self._rope_cache[key] = (cos.to(dtype), sin.to(dtype))
         return self._rope_cache[key]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
@@ -205,7 +210,8 @@ class PixelDiT(nn.Module):
         def attn_mask(n):  # (B, 1, 1, L + n): padding text masked, every image token kept
             return torch.cat([text_keep, text_keep.new_ones(B, n)], dim=1)[:, None, None, :]
 
-        cos, sin = self._rope(h, w, x.device)
+        qk_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else tokens.dtype
+        cos, sin = self._rope(h, w, x.device, qk_dtype)
         dense = (attn_mask(h * w), cos, sin)
         first, last = self.tread_span if route is not None else (-1, -1)
         ctx, idx, full, aligned = dense, None, None, None
