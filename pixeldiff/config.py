@@ -107,7 +107,8 @@ class PerceptualLossConfig:
 @dataclass
 class LpipsLossConfig(PerceptualLossConfig):
     net: Literal["vgg", "alex"] = "vgg"  # backbone; weights = its torchvision state dict (vgg16-397923af.pth, ...)
-    downscale: float = 1.0  # both images are resized by this factor first (the speedrun: 0.5)
+    downscale: float = 1.0  # both images are resized by this factor first (PRX: 0.5)
+    resolution: Optional[int] = None  # instead: the shorter side becomes this at every stage (the speedrun: 256)
 
 
 @dataclass
@@ -621,7 +622,15 @@ def validate(m: Manifest) -> None:
     lp, dn = m.losses.lpips, m.losses.dino
     if not 0 < lp.downscale <= 1:
         raise ConfigError(f"losses.lpips.downscale: must be in (0, 1], got {lp.downscale}")
-    if lp.weight > 0:
+    if lp.resolution is not None:
+        if lp.downscale != 1:
+            raise ConfigError(f"losses.lpips: downscale {lp.downscale:g} and resolution {lp.resolution} both set the "
+                              f"size LPIPS sees; keep one (resolution: the same size at every stage)")
+        least = LPIPS_MIN_SIDE[lp.net]
+        if lp.resolution < least:
+            raise ConfigError(f"losses.lpips.resolution: {lp.resolution} px is smaller than the {least} px the "
+                              f"{lp.net!r} backbone needs; use at least {least}")
+    elif lp.weight > 0:
         least = LPIPS_MIN_SIDE[lp.net]
         for i, s in enumerate(m.stages):
             if math.floor(s.resolution * lp.downscale) < least:

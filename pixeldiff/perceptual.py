@@ -5,14 +5,16 @@ Two losses compare the network's prediction x0_hat with the clean image x0 (both
 - LPIPS (the `lpips` package): a VGG16 (or AlexNet) backbone and the package's calibrated
   linear layers, which ship inside the package (`lpips/weights/v0.1/<net>.pth`). The backbone
   comes from a torchvision state dict (`features.N.weight`, e.g. `vgg16-397923af.pth`) named
-  by the manifest. Both images are first resized by `downscale`; the distance is spatially
-  averaged per sample.
+  by the manifest. Both images are first resized by `downscale`, or to a fixed `resolution` (the shorter
+  side, at every stage); the distance is spatially averaged per sample.
 - DINO: a timm ViT (DINOv2 ViT-B/14 with registers by default). Both images are mapped to
   [0, 1], ImageNet-normalised and resized to `resolution`; the loss per sample is the mean
   over patch tokens of 1 - cosine similarity (in [0, 2]); the target branch runs without grad.
 
 The frozen networks are separate objects, never attributes of the model: requires_grad off,
-eval mode, not in the optimizer, the EMA or the checkpoints. On CUDA their weights are bf16.
+eval mode, not in the optimizer, the EMA or the checkpoints. On CUDA their weights are bf16. The LPIPS
+backbone runs channels-last (cuDNN's fast convolution layout); with `cluster.compile` each network's
+forward is compiled with static shapes (one graph per input size), like the denoiser.
 
 Weights: a local path or an s3:// URL, found or fetched by `pixeldiff.weights` (torch-free, so the
 login node can check them). Files are read with torch.load(weights_only=True). With no weights and weight > 0 the network is
@@ -116,7 +118,7 @@ class LpipsLoss:
     """LPIPS(x0_hat, x0) per sample, with x0 under no_grad. Frozen; bf16 backbone on CUDA."""
 
     def __init__(self, cfg: LpipsLossConfig, device: torch.device, state_dict: dict | None = None,
-                 source: str = "", key: str = "losses.lpips.weights"):
+                 source: str = "", key: str = "losses.lpips.weights", compile: bool = False):
         lpips = _quiet_import_lpips()
         self.cfg, self.device = cfg, torch.device(device)
         m = _lpips_on_meta(cfg.net).to_empty(device="cpu")
@@ -138,13 +140,23 @@ class LpipsLoss:
         m.requires_grad_(False).eval()
         self.module = m.to(self.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.module.net.to(self.dtype)  # the backbone; scaling and the linear layers stay fp32
+        # the backbone; scaling and the linear layers stay fp32
+        self.module.net.to(self.dtype, memory_format=torch.channels_last)
+        self.backbone = maybe_compile(self.module.net, compile)
+
+    def input_size(self, H: int, W: int) -> tuple[int, int]:
+        """The size both images are resized to: the shorter side at `resolution` (aspect kept), else x downscale."""
+        if self.cfg.resolution is not None:
+            scale = self.cfg.resolution / min(H, W)
+            return (self.cfg.resolution, max(1, round(W * scale))) if H <= W else (max(1, round(H * scale)), self.cfg.resolution)
+        return math.floor(H * self.cfg.downscale), math.floor(W * self.cfg.downscale)
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.cfg.downscale != 1:
-            x = F.interpolate(x.float(), scale_factor=self.cfg.downscale, mode="bilinear", align_corners=False, antialias=True)
-        x = self.module.scaling_layer(x.float()).to(self.dtype)
-        return list(self.module.net(x))
+        size = self.input_size(*x.shape[-2:])
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = self.module.scaling_layer(x.float()).to(self.dtype).contiguous(memory_format=torch.channels_last)
+        return list(self.backbone(x))
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """-> (B,) LPIPS distances, differentiable in x_hat."""
@@ -208,7 +220,7 @@ class DinoLoss:
     """Mean over patch tokens of 1 - cos(features(x0_hat), features(x0)) per sample, in [0, 2]."""
 
     def __init__(self, cfg: DinoLossConfig, device: torch.device, state_dict: dict | None = None,
-                 source: str = "", key: str = "losses.dino.weights"):
+                 source: str = "", key: str = "losses.dino.weights", compile: bool = False):
         self.cfg, self.device = cfg, torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(_INIT_SEED["dino"])
@@ -222,6 +234,7 @@ class DinoLoss:
         model.requires_grad_(False).eval()
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype)
+        self.forward_features = maybe_compile(self.model.forward_features, compile)
         self.prefix = getattr(model, "num_prefix_tokens", 1)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -233,7 +246,7 @@ class DinoLoss:
             x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            out = self.model.forward_features(x.to(self.dtype))
+            out = self.forward_features(x.to(self.dtype))
         return out[:, self.prefix:].float()
 
     def __call__(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +263,12 @@ class DinoLoss:
 # ------------------------------------------------------------------ together
 
 
-def build_loss(name: str, cfg, device, storage_options: dict | None = None, log=None):
+def maybe_compile(fn, enabled: bool):
+    """`fn` compiled with static shapes when `enabled` (cluster.compile), else `fn`: a frozen network's forward."""
+    return torch.compile(fn, dynamic=False) if enabled else fn
+
+
+def build_loss(name: str, cfg, device, storage_options: dict | None = None, log=None, compile: bool = False):
     """-> LpipsLoss or DinoLoss with its weights loaded (local or s3://, cached), or random init when weights is null."""
     key = f"losses.{name}.weights"
     sd = source = None
@@ -259,13 +277,14 @@ def build_loss(name: str, cfg, device, storage_options: dict | None = None, log=
         source = cfg.weights if cfg.weights == str(path) else f"{cfg.weights} ({path})"
         sd = load_weights_file(path, key)
     cls = LpipsLoss if name == "lpips" else DinoLoss
-    return cls(cfg, device, state_dict=sd, source=source or "", key=key)
+    return cls(cfg, device, state_dict=sd, source=source or "", key=key, compile=compile)
 
 
 class PerceptualLosses:
     """The enabled perceptual terms. `compute(x0_hat, x0, t)` -> {'lpips': scalar, 'dino': scalar} (unweighted)."""
 
-    def __init__(self, losses: LossesConfig, device, storage_options: dict | None = None, log=None):
+    def __init__(self, losses: LossesConfig, device, storage_options: dict | None = None, log=None,
+                 compile: bool = False):
         self.cfg = losses
         self.terms: dict[str, LpipsLoss | DinoLoss] = {}
         self.warnings: list[str] = []
@@ -275,7 +294,7 @@ class PerceptualLosses:
                 continue
             if cfg.weights is None:
                 self.warnings.append(random_init_warning(name, cfg))
-            self.terms[name] = build_loss(name, cfg, device, storage_options, log=log)
+            self.terms[name] = build_loss(name, cfg, device, storage_options, log=log, compile=compile)
 
     def __bool__(self) -> bool:
         return bool(self.terms)
@@ -327,7 +346,7 @@ def forward_flops(losses: LossesConfig, resolution: int) -> dict[str, float]:
     out = {}
     if losses.lpips.weight > 0:
         m = _lpips_on_meta(losses.lpips.net)
-        side = math.floor(resolution * losses.lpips.downscale)
+        side = losses.lpips.resolution or math.floor(resolution * losses.lpips.downscale)
         x = torch.empty(1, 3, side, side, device="meta")
         with FlopCounterMode(display=False) as fc:
             feats = m.net(x)
@@ -344,4 +363,4 @@ def forward_flops(losses: LossesConfig, resolution: int) -> dict[str, float]:
 
 
 __all__ = ["LpipsLoss", "DinoLoss", "PerceptualLosses", "build_loss", "forward_flops", "load_weights_file",
-           "lpips_backbone_map"]
+           "lpips_backbone_map", "maybe_compile"]

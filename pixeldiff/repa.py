@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from pixeldiff.config import Manifest, RepaLossConfig, resolve_model_config
 from pixeldiff.model import gather_tokens
-from pixeldiff.perceptual import IMAGENET_MEAN, IMAGENET_STD, load_dino_weights, load_weights_file, timm_model
+from pixeldiff.perceptual import (IMAGENET_MEAN, IMAGENET_STD, load_dino_weights, load_weights_file, maybe_compile,
+                                  timm_model)
 from pixeldiff.weights import resolve_weights
 
 _INIT_SEED = 7_340_035  # random-init fallback, fixed so that restarts agree
@@ -28,7 +29,7 @@ _INIT_SEED = 7_340_035  # random-init fallback, fixed so that restarts agree
 
 class RepaTeacher:
     def __init__(self, cfg: RepaLossConfig, patch_size: int, device: torch.device, state_dict: dict | None = None,
-                 source: str = "", key: str = "losses.repa.weights"):
+                 source: str = "", key: str = "losses.repa.weights", compile: bool = False):
         self.cfg, self.device = cfg, torch.device(device)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(_INIT_SEED)
@@ -39,6 +40,7 @@ class RepaTeacher:
         model.requires_grad_(False).eval()
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, self.dtype)
+        self.forward_features = maybe_compile(self.model.forward_features, compile)
         self.dim = model.embed_dim
         self.patch_size = patch_size
         self.prefix = getattr(model, "num_prefix_tokens", 1)
@@ -54,7 +56,7 @@ class RepaTeacher:
         x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False, antialias=True)
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
-            out = self.model.forward_features(x.to(self.dtype))
+            out = self.forward_features(x.to(self.dtype))
         return out[:, self.prefix:].float()
 
     def loss(self, projected: torch.Tensor, x0: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -80,7 +82,8 @@ def build_teacher(m: Manifest, device, storage_options: dict | None = None, log=
         path = resolve_weights(cfg.weights, key, storage_options, log=log)
         source = cfg.weights if cfg.weights == str(path) else f"{cfg.weights} ({path})"
         sd = load_weights_file(path, key)
-    return RepaTeacher(cfg, resolve_model_config(m.model).patch_size, device, state_dict=sd, source=source, key=key)
+    return RepaTeacher(cfg, resolve_model_config(m.model).patch_size, device, state_dict=sd, source=source, key=key,
+                       compile=m.cluster.compile)
 
 
 def repa_active(m: Manifest, stage_index: int, step: int) -> bool:

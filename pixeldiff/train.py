@@ -196,7 +196,8 @@ class Trainer:
         self.data = build_data(m, env, self.device)
         # Frozen perceptual networks: not in the model, optimizer, EMA or checkpoints. Their weights are checked (and
         # s3:// ones fetched) here, before any training.
-        self.perceptual = PerceptualLosses(m.losses, self.device, storage_options(m.data.s3), log=self.log)
+        self.perceptual = PerceptualLosses(m.losses, self.device, storage_options(m.data.s3), log=self.log,
+                                           compile=m.cluster.compile)
 
         self.teacher = build_teacher(m, self.device, storage_options(m.data.s3), log=self.log)  # REPA's, frozen
         self.weights = {k: getattr(m.losses, k).weight for k in ("lpips", "dino", "repa")}

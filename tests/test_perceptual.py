@@ -1,5 +1,6 @@
 """Perceptual losses (LPIPS, DINO) and their frozen weights: values, gradients, loading offline, S3 cache, training."""
 
+import copy
 import importlib.util
 import threading
 
@@ -206,6 +207,69 @@ def test_weights_from_s3_are_fetched_once_into_the_cache(s3_endpoint, tmp_path, 
         build_loss("lpips", LpipsLossConfig(weight=0.1, net="alex", weights="s3://weights/w/missing.pth"), "cpu", opts)
 
 
+def test_lpips_at_a_fixed_resolution_sees_the_same_size_at_every_stage(monkeypatch):
+    """losses.lpips.resolution: the shorter side becomes it (aspect kept), whatever the stage's image size; the
+    backbone gets channels-last input; and a 64 px image at resolution 32 is the 64 px image at downscale 0.5."""
+    fixed = LpipsLossConfig(weight=1.0, net="alex", resolution=32)
+    torch.manual_seed(0)
+    lp = LpipsLoss(fixed, "cpu")
+    seen = []
+    backbone = lp.backbone
+    monkeypatch.setattr(lp, "backbone", lambda x: seen.append((tuple(x.shape[-2:]), x.is_contiguous(
+        memory_format=torch.channels_last))) or backbone(x))
+    for side in (64, 128):
+        lp(images(side=side), images(side=side, seed=1))
+    lp(torch.rand(2, 3, 64, 96) * 2 - 1, torch.rand(2, 3, 64, 96) * 2 - 1)
+    assert seen == [((32, 32), True)] * 4 + [((32, 48), True)] * 2
+    torch.manual_seed(0)
+    half = LpipsLoss(LpipsLossConfig(weight=1.0, net="alex", downscale=0.5), "cpu")
+    x, y = images(side=64), images(side=64, seed=1)
+    torch.testing.assert_close(lp(x, y), half(x, y), rtol=0, atol=0)
+    flops = forward_flops(LossesConfig(lpips=fixed), 1024)["lpips"]
+    assert flops == forward_flops(LossesConfig(lpips=fixed), 64)["lpips"] == forward_flops(
+        LossesConfig(lpips=LpipsLossConfig(weight=1.0, net="alex", downscale=0.5)), 64)["lpips"]
+
+
+def test_channels_last_lpips_gives_the_contiguous_values():
+    """The backbone runs channels-last; the same weights in the default layout give the same distances (to float
+    rounding: the convolution's summation order may differ)."""
+    torch.manual_seed(0)
+    lp = LpipsLoss(LpipsLossConfig(weight=1.0, net="alex"), "cpu")
+    x, y = images(side=64), images(side=64, seed=1)
+    ours = lp(x, y)
+    conv = next(m for m in lp.module.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    plain = copy.deepcopy(lp.module.net).to(memory_format=torch.contiguous_format)
+    lp.backbone = lambda t: plain(t.contiguous())
+    torch.testing.assert_close(ours, lp(x, y), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_perceptual_networks_match_eager():
+    """cluster.compile compiles the frozen networks too (static shapes): the same values and the same gradient into
+    x0_hat as eager. LPIPS only (the DINO loss and REPA's teacher go through the same maybe_compile; a ViT's CPU
+    compile costs CI half a minute)."""
+    for name, cfg in (("lpips", LpipsLossConfig(weight=1.0, net="alex")),):
+        torch.manual_seed(0)
+        eager = build_loss(name, cfg, "cpu")
+        torch.manual_seed(0)
+        compiled = build_loss(name, cfg, "cpu", compile=True)
+        assert (compiled.backbone if name == "lpips" else compiled.forward_features) is not (
+            compiled.module.net if name == "lpips" else compiled.model.forward_features)
+        x = images(side=64)
+        grads = []
+        for fn in (eager, compiled):
+            x_hat = images(side=64, seed=1).requires_grad_(True)
+            value = fn(x_hat, x)
+            value.sum().backward()
+            grads.append((value.detach(), x_hat.grad))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-3, atol=1e-6)
+    dino = build_loss("dino", dino_cfg(), "cpu", compile=True)
+    assert dino.forward_features != dino.model.forward_features  # the compiled wrapper
+    plain = build_loss("dino", dino_cfg(), "cpu")
+    assert plain.forward_features == plain.model.forward_features
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -215,6 +279,10 @@ def test_weights_from_s3_are_fetched_once_into_the_cache(s3_endpoint, tmp_path, 
     ({"lpips": {"weight": 0.1, "net": "squeeze"}}, r"losses\.lpips\.net: expected one of 'vgg' \| 'alex'"),
     ({"lpips": {"weight": 0.1, "net": "alex"}}, r"losses\.lpips\.downscale: stages\[0\] images of 16 px become 16 px, "
                                                 r"smaller than the 31 px the 'alex' backbone needs"),
+    ({"lpips": {"weight": 0.1, "net": "alex", "resolution": 24}},
+     r"losses\.lpips\.resolution: 24 px is smaller than the 31 px the 'alex' backbone needs; use at least 31"),
+    ({"lpips": {"weight": 0.1, "downscale": 0.5, "resolution": 64}},
+     r"losses\.lpips: downscale 0\.5 and resolution 64 both set the size LPIPS sees; keep one"),
     ({"dino": {"weight": 0.1, "resolution": 0}}, r"losses\.dino\.resolution: must be > 0"),
     ({"dino": {"weight": 0.1, "weights": "https://x/y.pth"}}, r"losses\.dino\.weights: .* local path or an s3:// URL"),
 ])

@@ -62,7 +62,7 @@ def test_routing_every_token_in_any_order_is_the_dense_model():
     torch.testing.assert_close(model(x, t, text, mask, route=perm), model(x, t, text, mask), rtol=1e-5, atol=1e-5)
     wrong = PixelDiT(DEPTH4, text_dim=8, tread_span=(1, 2))
     wrong.load_state_dict(model.state_dict())
-    wrong._rope = lambda h, w, device: tuple(c[torch.randperm(h * w)] for c in model._rope(h, w, device))
+    wrong._rope = lambda h, w, *key: tuple(c[torch.randperm(h * w)] for c in model._rope(h, w, *key))
     assert not torch.allclose(wrong(x, t, text, mask, route=perm), model(x, t, text, mask), atol=1e-3)
 
 

@@ -108,26 +108,28 @@ def main(argv=None):
     sizes = resolve_model_config(ModelConfig(args.preset))
     for mode in args.modes.split(","):
         names = mode.split("+")[1:]
+        compiled = mode.split("+")[0] == "compile"  # the frozen networks too, as the trainer with cluster.compile
         teacher = None
         if "repa" in names:  # random frozen weights: the cost is the same
             from pixeldiff.config import RepaLossConfig
             from pixeldiff.repa import RepaTeacher
 
-            teacher = RepaTeacher(RepaLossConfig(weight=0.5, net=args.repa_net), sizes.patch_size, device)
+            teacher = RepaTeacher(RepaLossConfig(weight=0.5, net=args.repa_net), sizes.patch_size, device,
+                                  compile=compiled)
         depth = sizes.depth if "tread" in names else 0
         torch.manual_seed(0)
         model = PixelDiT(ModelConfig(args.preset), args.text_dim, repa_dims=(1024, teacher.dim) if teacher else None,
                          tread_span=(1, depth - 2) if depth else None).to(device)
         opt = build_optimizer(model, OptimizerConfig(name="muon" if "muon" in names else "adamw"))  # lr 1e-4 each
         objective = XPrediction(ObjectiveConfig(), torch.zeros(args.text_len, args.text_dim), torch.zeros(args.text_len, dtype=torch.bool))
-        net = torch.compile(model) if mode.split("+")[0] == "compile" else model
+        net = torch.compile(model, dynamic=False) if compiled else model
         perceptual = None
         if {"lpips", "dino"} & set(names):  # the speedrun's perceptual losses (random frozen weights: same cost)
             from pixeldiff.perceptual import PerceptualLosses
 
-            losses = LossesConfig(lpips=LpipsLossConfig(weight=0.1 if "lpips" in names else 0.0, downscale=0.5),
+            losses = LossesConfig(lpips=LpipsLossConfig(weight=0.1 if "lpips" in names else 0.0, resolution=256),
                                   dino=DinoLossConfig(weight=0.01 if "dino" in names else 0.0))
-            perceptual = PerceptualLosses(losses, device, log=lambda *_: None)
+            perceptual = PerceptualLosses(losses, device, log=lambda *_: None, compile=compiled)
         for res, batch in pairs:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
