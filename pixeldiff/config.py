@@ -43,8 +43,8 @@ class ClusterConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: FSDP2, weights/grads/optimizer sharded
     compile: bool = False  # torch.compile the model (1.7x on an H200 at 512 px; minutes of compile at start)
-    # DDP all-reduces gradients in bf16 (a communication hook): half the bytes, the gradients rounded to bf16 on
-    # the wire (the optimizer still steps in fp32). parallel: ddp only
+    # bf16 on the wire, half the bytes, the optimizer still stepping fp32 weights. ddp: gradients all-reduced in
+    # bf16 (a communication hook); fsdp: parameters gathered and run in bf16, gradients reduce-scattered in fp32
     bf16_comm: bool = False
     # the GPU's bf16 dense peak in TFLOP/s for MFU; 0 = from the device name (H100, H200, A100, ...: pixeldiff/model.py)
     peak_tflops: float = 0.0
@@ -458,9 +458,6 @@ def validate(m: Manifest) -> None:
     c = m.cluster
     if c.nodes < 1 or c.gpus_per_node < 1:
         raise ConfigError(f"cluster: nodes and gpus_per_node must be >= 1, got {c.nodes} and {c.gpus_per_node}")
-    if c.bf16_comm and c.parallel != "ddp":
-        raise ConfigError("cluster.bf16_comm: only with cluster.parallel: ddp (FSDP2's bf16 parameter gathering is "
-                          "not supported); set parallel: ddp or bf16_comm: false")
     if c.max_job_hours <= 0:
         raise ConfigError(f"cluster.max_job_hours: must be > 0, got {c.max_job_hours}")
     o = m.optimizer

@@ -203,7 +203,7 @@ class PixelDiT(nn.Module):
         p = self.cfg.patch_size
         h, w = H // p, W // p
         tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
-        c = self.t_embed(timestep_embedding(t))  # (B, D)
+        c = self.t_embed(timestep_embedding(t).to(tokens.dtype))  # (B, D); fp32 tables, bf16 under FSDP bf16_comm
         txt = self.text_proj(text)  # (B, L, D)
         text_keep = text_mask.bool()
 

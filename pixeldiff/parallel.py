@@ -40,12 +40,16 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
     without gradients (REPA's projector once REPA is off), which DDP must look for."""
     ddp, fsdp = None, False
     if world_size > 1 and cluster.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = distributed.device_mesh(device)
+        # bf16_comm: parameters gathered (and the forward run) in bf16, half the bytes; gradients reduce-scattered in
+        # fp32 into the fp32 shards the optimizer steps; the output back in fp32 for the losses
+        bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cluster.bf16_comm else {}
         for block in model.blocks:  # each block's parameters are gathered just before it runs
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)  # the rest: embeddings, final layer
+            fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
+        root = MixedPrecisionPolicy(**bf16, output_dtype=torch.float32 if bf16 else None)
+        fully_shard(model, mesh=mesh, mp_policy=root)  # the rest: embeddings, final layer
         ema.shard_like(model)
         fsdp = True
     elif world_size > 1:

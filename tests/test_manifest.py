@@ -186,8 +186,6 @@ CASES = [
     ("credential-url-password", MINIMAL + "data: {s3: {endpoint_url: 'http://minio:hunter2@127.0.0.1:9000'}}\n",
      r"^data\.s3\.endpoint_url: the URL http://minio:\*\*\*@127\.0\.0\.1:9000 carries a password; give the URL "
      r"without 'user:password@': credentials never go in the manifest .*data\.s3\.profile$"),
-    ("bf16-comm-fsdp", MINIMAL.replace("backend: local", "backend: local, parallel: fsdp, bf16_comm: true"),
-     r"^cluster\.bf16_comm: only with cluster\.parallel: ddp"),
     ("wandb-project-path", MINIMAL + "logging: {wandb: {project: team/proj}}\n",
      r"^logging\.wandb\.project: 'team/proj' is not a W&B project name .*; give the team as logging\.wandb\.entity$"),
     ("wandb-no-project", MINIMAL + "logging: {wandb: {mode: offline}}\n",
