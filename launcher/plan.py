@@ -3,7 +3,8 @@
 Stage by stage from the manifest's throughput estimates (`stages[].est_img_per_s_per_gpu`),
 then the job segments: the run is cut into Slurm jobs of `cluster.max_job_hours`, each
 losing its start-up and the margin before its end; the checkpoint time is estimated from
-the model's size, and sizes the USR2 lead time and the requeue limits.
+the model's size, and sizes the USR2 lead time and the requeue limits. Evaluations (`eval`) are priced
+from the model's FLOPs at the training rate of their stage, and counted in the totals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 
 from pixeldiff.config import Manifest
-from pixeldiff.presets import param_count
+from pixeldiff.presets import forward_flops, param_count
 from pixeldiff.schedule import budget_gpu_hours, resplit, stage_steps
 
 STARTUP_S = 120.0  # a job's start-up before its first step (imports, NCCL, restore), an estimate
@@ -62,6 +63,38 @@ def planned_steps(m: Manifest) -> tuple[list[int], int]:
     return steps, max(0, longer[-1] - ends[-1])
 
 
+def eval_steps(m: Manifest, ends: list[int]) -> list[int]:
+    """The steps the trainer evaluates at: every eval.interval_steps, each stage's end and the run's end."""
+    if not m.eval.enabled:
+        return []
+    every = m.eval.interval_steps
+    at = set(range(every, ends[-1], every)) if every else set()
+    return sorted(at | set(ends))
+
+
+def eval_plan(m: Manifest, steps_each: list[int]) -> dict | None:
+    """Hours of the evaluations: eval.samples images of eval.sampling_steps dense forwards (x2 with guidance) each,
+    at the FLOP rate the stage trains at (img/s x 3 forwards with TREAD's tokens; the perceptual networks' share of
+    a step is left out, so the rate is low and the estimate on the safe side). Feature extraction (Inception, CLIP,
+    DINO) is small beside it and not counted. None when the manifest does not evaluate."""
+    ends = [sum(steps_each[:i + 1]) for i in range(len(steps_each))]
+    at = eval_steps(m, ends)
+    if not at:
+        return None
+    e, text_len = m.eval, m.data.text.max_tokens
+    passes = e.samples * e.sampling_steps * (1 if e.cfg == 1 else 2)
+    hours = 0.0
+    for step in at:
+        s = m.stages[next(i for i, end in enumerate(ends) if step <= end)]
+        if not s.est_img_per_s_per_gpu:
+            return {"count": len(at), "hours": None}
+        flop_rate = s.est_img_per_s_per_gpu * m.world_size * 3 * forward_flops(m.model, m.data.text.dim, s.resolution,
+                                                                                text_len, m.tread)
+        hours += passes * forward_flops(m.model, m.data.text.dim, s.resolution, text_len) / flop_rate / 3600
+    return {"count": len(at), "samples": e.samples, "sampling_steps": e.sampling_steps, "hours": hours,
+            "gpu_hours": hours * m.world_size}
+
+
 def make_plan(m: Manifest) -> dict:
     gpus = m.world_size
     price = m.budget.gpu_hour_usd
@@ -77,8 +110,13 @@ def make_plan(m: Manifest) -> dict:
             "images": images, "est_img_per_s_per_gpu": s.est_img_per_s_per_gpu, "hours": hours,
             "gpu_hours": gpu_hours, "usd": gpu_hours * price if gpu_hours is not None else None,
         })
-    known = [r for r in rows if r["hours"] is not None]
-    total_gpu_hours = sum(r["gpu_hours"] for r in known) if len(known) == len(rows) else None
+    ev = eval_plan(m, steps_each)
+    if ev and ev["hours"] is not None:
+        ev["usd"] = ev["gpu_hours"] * price
+    # the evaluations' time is the run's too (the trainer evaluates inside its jobs): in every total below
+    timed = rows + ([{"hours": ev["hours"], "gpu_hours": ev.get("gpu_hours")}] if ev else [])
+    known = [r for r in timed if r["hours"] is not None]
+    total_gpu_hours = sum(r["gpu_hours"] for r in known) if len(known) == len(timed) else None
     cap = budget_gpu_hours(m)
     warnings = []
     if total_gpu_hours is not None and cap is not None and total_gpu_hours > cap * (1 + 1e-9):
@@ -120,6 +158,7 @@ def make_plan(m: Manifest) -> dict:
         "total_usd": total_gpu_hours * price if total_gpu_hours is not None else None,
         "budget": {"usd": m.budget.usd, "wall_hours": m.budget.wall_hours, "gpu_hours": cap, "binding": binding},
         "jobs": job_plan(m, run_hours, rows),
+        "eval": ev,
         "extended_steps": extended,
         "notes": notes,
         "warnings": warnings,
@@ -138,6 +177,11 @@ def format_plan(p: dict) -> str:
         lines.append(f"{r['stage']:<12}{r['resolution']:>6}{r['global_batch']:>7}{r['steps']:>9}"
                      f"{_fmt(r['est_img_per_s_per_gpu'], '.1f'):>11}{_fmt(r['hours'], '.2f'):>8}"
                      f"{_fmt(r['gpu_hours'], '.1f'):>9}{_fmt(r['usd'], '.2f'):>10}")
+    ev = p.get("eval")
+    if ev:
+        lines.append(f"{'evaluation':<12}{ev['count']:>6}x{ev.get('samples', 0):>6} samples x "
+                     f"{ev.get('sampling_steps', 0)} steps{'':>3}{_fmt(ev['hours'], '.2f'):>8}"
+                     f"{_fmt(ev.get('gpu_hours'), '.1f'):>9}{_fmt(ev.get('usd'), '.2f'):>10}")
     lines.append("-" * len(head))
     lines.append(f"{'total':<34}{p['total_steps']:>9}{'':>11}{_fmt(p['total_hours'], '.2f'):>8}"
                  f"{_fmt(p['total_gpu_hours'], '.1f'):>9}{_fmt(p['total_usd'], '.2f'):>10}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixeldiff.presets import PRESETS, ModelConfig, resolve_model_config  # noqa: F401 (sizes: presets.py)
+from pixeldiff.presets import PRESETS, ModelConfig, forward_flops, resolve_model_config  # noqa: F401 (sizes, FLOPs)
 
 
 # ------------------------------------------------------------------ helpers
@@ -237,27 +237,6 @@ class PixelDiT(nn.Module):
     def flops_per_sample(self, resolution: int, text_len: int) -> float:
         """Forward-pass FLOPs for one image (matmuls only; x3 for a training step)."""
         return forward_flops(self.cfg, self.text_dim, resolution, text_len)
-
-
-def forward_flops(cfg: ModelConfig, text_dim: int, resolution: int, text_len: int, tread=None) -> float:
-    """Matmul FLOPs of one image's forward pass. `tread` (a TreadConfig with ratio > 0): the routed span's blocks
-    see only the kept image tokens, as the training step runs them (sampling is dense: no `tread`)."""
-    cfg = resolve_model_config(cfg)
-    p, w, depth = cfg.patch_size, cfg.width, cfg.depth
-    n = (resolution // p) ** 2
-    kept, (first, last) = n, (0, -1)
-    if tread is not None and tread.ratio > 0:
-        kept, (first, last) = max(1, n - round(tread.ratio * n)), tread.span(depth)
-    hidden = int(w * cfg.mlp_ratio)
-    per_token_block = 4 * w * w + 3 * w * hidden  # qkv + proj, gated MLP
-    per_text_block = 2 * w * w
-    blocks = 0
-    for b in range(depth):
-        nb = kept if first <= b <= last else n
-        blocks += nb * per_token_block + text_len * per_text_block + 2 * nb * (nb + text_len) * w  # + QK^T and AV
-    embed = n * (p * p * 3 * cfg.bottleneck + cfg.bottleneck * w + w * p * p * 3) + text_len * text_dim * w
-    mod = depth * 6 * w * w + 2 * w * w
-    return 2.0 * (embed + blocks + mod)
 
 
 # bf16 dense matmul peaks (TFLOP/s) by the CUDA device name's model, for MFU; cluster.peak_tflops overrides

@@ -70,3 +70,25 @@ def param_count(cfg: ModelConfig, text_dim: int) -> int:
     block = attn + linear(w, 2 * hidden, False) + linear(hidden, w, False) + linear(w, 6 * w)
     final = linear(w, 2 * w) + linear(w, pix)
     return patch_embed + t_embed + text_proj + cfg.depth * block + final
+
+
+def forward_flops(cfg: ModelConfig, text_dim: int, resolution: int, text_len: int, tread=None) -> float:
+    """Matmul FLOPs of one image's forward pass. `tread` (a TreadConfig with ratio > 0): the routed span's blocks
+    see only the kept image tokens, as the training step runs them (sampling is dense: no `tread`). Torch-free:
+    the login node's plan prices evaluations with it."""
+    cfg = resolve_model_config(cfg)
+    p, w, depth = cfg.patch_size, cfg.width, cfg.depth
+    n = (resolution // p) ** 2
+    kept, (first, last) = n, (0, -1)
+    if tread is not None and tread.ratio > 0:
+        kept, (first, last) = max(1, n - round(tread.ratio * n)), tread.span(depth)
+    hidden = int(w * cfg.mlp_ratio)
+    per_token_block = 4 * w * w + 3 * w * hidden  # qkv + proj, gated MLP
+    per_text_block = 2 * w * w
+    blocks = 0
+    for b in range(depth):
+        nb = kept if first <= b <= last else n
+        blocks += nb * per_token_block + text_len * per_text_block + 2 * nb * (nb + text_len) * w  # + QK^T and AV
+    embed = n * (p * p * 3 * cfg.bottleneck + cfg.bottleneck * w + w * p * p * 3) + text_len * text_dim * w
+    mod = depth * 6 * w * w + 2 * w * w
+    return 2.0 * (embed + blocks + mod)

@@ -21,11 +21,11 @@ import yaml
 
 from launcher.cli import main as cli_main
 from launcher.manifest import load_manifest
-from launcher.plan import make_plan
+from launcher.plan import format_plan, make_plan
 from pixeldiff.config import (
     BudgetConfig, ConfigError, LossesConfig, LpipsLossConfig, Manifest, StageConfig, dump_yaml, from_dict,
 )
-from pixeldiff.presets import PRESETS, ModelConfig
+from pixeldiff.presets import PRESETS, ModelConfig, forward_flops
 
 REPO = Path(__file__).resolve().parents[1]
 SPEEDRUN = REPO / "manifests" / "speedrun.yaml"
@@ -421,8 +421,30 @@ def test_dryrun_plan():
     assert p["total_steps"] == sum(s["steps"] for s in raw["stages"])
     assert raw["budget"]["wall_hours"] == 0 and raw["budget"]["usd"] == 0  # the dry run has no caps
     assert p["budget"]["gpu_hours"] is None and p["budget"]["binding"] is None
-    assert p["total_gpu_hours"] == pytest.approx(sum(
-        s["steps"] * s["global_batch"] / s["est_img_per_s_per_gpu"] / 3600 for s in raw["stages"]))
+    train = sum(s["steps"] * s["global_batch"] / s["est_img_per_s_per_gpu"] / 3600 for s in raw["stages"])
+    assert p["total_gpu_hours"] == pytest.approx(train + p["eval"]["gpu_hours"])
+
+
+def test_the_plan_prices_the_evaluations_at_their_stages_training_flop_rate():
+    """eval every 300 steps of a 900 + 250 step run: at 300, 600, 900 (32 px, also the stage's end) and 1150 (64 px,
+    the run's end). Each is samples x sampling steps x 2 (guidance) dense forwards at the FLOP rate the stage trains
+    at (img/s x 3 forwards with TREAD's tokens). In the totals; none without an eval section."""
+    m = load_manifest(DRYRUN)
+    e, s32, s64 = m.eval, m.stages[0], m.stages[1]
+    assert (e.interval_steps, s32.steps, s64.steps, e.cfg) == (300, 900, 250, 3.0)
+    p = make_plan(m)
+
+    def hours(s):
+        dense = forward_flops(m.model, m.data.text.dim, s.resolution, m.data.text.max_tokens)
+        step = 3 * forward_flops(m.model, m.data.text.dim, s.resolution, m.data.text.max_tokens, m.tread)
+        return e.samples * e.sampling_steps * 2 * dense / (s.est_img_per_s_per_gpu * step) / 3600
+
+    assert p["eval"]["count"] == 4
+    assert p["eval"]["hours"] == pytest.approx(3 * hours(s32) + hours(s64), rel=1e-9)
+    assert p["total_hours"] == pytest.approx(sum(r["hours"] for r in p["stages"]) + p["eval"]["hours"])
+    assert "evaluation       4x   256 samples x 25 steps" in format_plan(p)
+    off = make_plan(load_manifest(DRYRUN, overrides=["eval.enabled=false"]))
+    assert off["eval"] is None and off["total_hours"] == pytest.approx(sum(r["hours"] for r in p["stages"]))
 
 
 def test_speedrun_plan():
