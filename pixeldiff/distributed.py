@@ -188,6 +188,24 @@ def agree_max(value):
     return tuple(out) if many else out[0]
 
 
+def agree_max_later(value):
+    """`agree_max(value)` issued now without waiting (gloo runs it in the background): -> a function that gives
+    the result, waiting if it is not there yet. The step boundary issues its agreement after a step's work is
+    queued and reads it before the next step, so the round trip overlaps the host's logging, saving and the GPU's
+    queued work. Every rank must call the returned function, once, before the group's next collective is read."""
+    many = isinstance(value, tuple)
+    if not dist.is_initialized():
+        return lambda: value
+    t = torch.tensor(list(value) if many else [value], dtype=torch.int64)
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group, async_op=True)
+
+    def result():
+        work.wait()
+        out = t.tolist()
+        return tuple(out) if many else out[0]
+    return result
+
+
 def gather_to_main(obj):
     """Every rank's `obj` (small, picklable: e.g. a CPU tensor) as a list on rank 0, None elsewhere (the default group:
     the checkpoint group may be busy with a background save)."""

@@ -400,15 +400,29 @@ class Trainer:
 
     def loop(self, stop: StopFlag) -> None:
         """Train until the schedule ends or a stop is requested (checked at step boundaries)."""
+        self.agreed = None  # the stop agreement issued after the last step, read before the next one
+        self.metrics.start()
+        self._loop(stop)
+        if self.agreed is not None:  # issued after the last step: read by every rank (an error leaves it unread)
+            self.agreed()
+            self.agreed = None
+
+    def boundary(self, stop: StopFlag) -> tuple[int, int]:
+        """This step boundary's values: the stop code (a signal, or rank 0's clock) and whether a background save
+        has finished on this rank."""
+        return max(stop.signum or 0, self.limit_code()), int(self.ckpt.save_finished())
+
+    def _loop(self, stop: StopFlag) -> None:
         m, st = self.m, self.state
         batches, layout = None, None
-        self.metrics.start()
         while st.step < self.schedule.total_steps:
             # a signal may reach one rank only, and rank 0 watches the clock: all ranks agree at this step boundary;
             # in the same collective, whether a background save has finished on some rank: it ends in a collective,
-            # so it has finished (or is about to) on every rank, and all report it, or raise its error, at this step
-            self.stop_code, saved = distributed.agree_max(
-                (max(stop.signum or 0, self.limit_code()), int(self.ckpt.save_finished())))
+            # so it has finished (or is about to) on every rank, and all report it, or raise its error, at this step.
+            # The agreement was issued right after the previous step (the first step of a job waits for its own):
+            # a signal or deadline that comes later is seen one step later (Slurm's signals come >= 60 s early)
+            agreed, self.agreed = self.agreed or distributed.agree_max_later(self.boundary(stop)), None
+            self.stop_code, saved = agreed()
             if saved:
                 self.ckpt.poll(wait=True)
             if self.stop_code:
@@ -430,6 +444,7 @@ class Trainer:
             out = self.train_step(batches)
             if first:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
+            self.agreed = distributed.agree_max_later(self.boundary(stop))  # read at the next boundary
             if not first:  # a stream's first step includes the data's start-up (workers, shards) and compiling: its
                 # time would inflate the stop margin (two steps, and the final grid's estimate) and stop a short job at once
                 self.clock.observe_step(time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 """Run by torchrun from tests/test_distributed.py: the step boundary's control group takes the start-up timeout,
-then the steady-state one after `set_timeout` (gloo groups' timeouts are fixed at creation: one group each)."""
+then the steady-state one after `set_timeout` (gloo groups' timeouts are fixed at creation: one group each); and
+the agreement issued at one step boundary and read at the next does not wait for a late rank until it is read."""
 
 import sys
 import time
@@ -19,6 +20,16 @@ def main() -> int:
     if env.rank == 1:
         time.sleep(4)  # longer than the steady timeout, shorter than the start-up one
     assert distributed.agree_max((env.rank, 7)) == (1, 7)  # start-up: rank 0 waits 4 s for rank 1
+    distributed.barrier()
+    if env.rank == 1:
+        time.sleep(1.5)  # the other rank's host is busy with its step
+    t0 = time.perf_counter()
+    result = distributed.agree_max_later((env.rank * 3, 1 - env.rank))
+    issued = time.perf_counter() - t0
+    time.sleep(0.2)  # the host's logging and saving, meanwhile
+    t1 = time.perf_counter()
+    print(f"rank {env.rank}: later {result()} issued in {issued:.3f} s, read in {time.perf_counter() - t1:.3f} s",
+          flush=True)
     distributed.barrier()
     distributed.set_timeout(2)
     if env.rank == 1:

@@ -28,6 +28,7 @@ def test_env_from_torchrun_slurm_and_single():
 # ---------------------------------------------------------------- real gloo processes
 
 import os  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
@@ -271,9 +272,15 @@ def test_bf16_communication_trains_close_to_fp32_and_resumes(write_manifest, tmp
 def test_the_step_boundary_agreement_times_out_by_phase():
     """The control group (gloo, CPU tensors) waits the start-up timeout while a job starts and the short one once
     it trains: a rank 6 s late in steady state (timeout 2 s) makes the other time out; 4 s late at start-up does
-    not."""
+    not. The agreement the trainer issues after a step and reads before the next returns at once and waits only
+    when read: rank 0 issues it 1.5 s before rank 1 and reads it after 0.2 s of other work."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(REPO / "tests" / "control_ranks.py")], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     out = proc.stdout + proc.stderr
     assert "rank 0: timed out in steady state" in out, out
+    later = {int(r): (float(i), float(w)) for r, i, w in re.findall(
+        r"rank (\d): later \(3, 1\) issued in ([\d.]+) s, read in ([\d.]+) s", out)}
+    assert set(later) == {0, 1}, out
+    assert later[0][0] < 0.3 and later[0][1] > 0.8, later  # issued without waiting; the wait is at the read
+    assert later[1][1] < 0.3, later  # the late rank finds it done
