@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from launcher.manifest import load_manifest
-from launcher.plan import format_plan, make_plan
+from launcher.plan import number, format_plan, make_plan
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 
 
@@ -140,8 +140,8 @@ def cmd_run_slurm(args, m: Manifest) -> int:
               f"them (and finds bad input in minutes)", file=sys.stderr)
     else:
         priced = make_plan(apply_calibration(m, calibration))
-        rates = ", ".join(f"{r['stage']} {_num(r['est_img_per_s_per_gpu'], '.1f')}" for r in priced["stages"])
-        print(f"calibrated plan: {_num(priced['total_hours'], '.2f')} h, ${_num(priced['total_usd'], ',.0f')} "
+        rates = ", ".join(f"{r['stage']} {number(r['est_img_per_s_per_gpu'], '.1f', '?')}" for r in priced["stages"])
+        print(f"calibrated plan: {number(priced['total_hours'], '.2f', '?')} h, ${number(priced['total_usd'], ',.0f', '?')} "
               f"(img/s per GPU: {rates})", file=sys.stderr)
     run_dir = make_dir(Path(args.runs_dir) / m.name)
     try:
@@ -250,10 +250,6 @@ def cmd_calibrate(args) -> int:
         return 130
     print(report(m, result, args.manifest))
     return 0
-
-
-def _num(v, spec: str) -> str:
-    return "?" if v is None else format(v, spec)
 
 
 def found_calibration(args, m: Manifest) -> Path | None:

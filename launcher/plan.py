@@ -165,8 +165,8 @@ def make_plan(m: Manifest) -> dict:
     }
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+def number(v, spec: str, unknown: str = "-") -> str:
+    return unknown if v is None else format(v, spec)
 
 
 def format_plan(p: dict) -> str:
@@ -175,16 +175,16 @@ def format_plan(p: dict) -> str:
     lines += [head, "-" * len(head)]
     for r in p["stages"]:
         lines.append(f"{r['stage']:<12}{r['resolution']:>6}{r['global_batch']:>7}{r['steps']:>9}"
-                     f"{_fmt(r['est_img_per_s_per_gpu'], '.1f'):>11}{_fmt(r['hours'], '.2f'):>8}"
-                     f"{_fmt(r['gpu_hours'], '.1f'):>9}{_fmt(r['usd'], '.2f'):>10}")
+                     f"{number(r['est_img_per_s_per_gpu'], '.1f'):>11}{number(r['hours'], '.2f'):>8}"
+                     f"{number(r['gpu_hours'], '.1f'):>9}{number(r['usd'], '.2f'):>10}")
     ev = p.get("eval")
     if ev:
         lines.append(f"{'evaluation':<12}{ev['count']:>6}x{ev.get('samples', 0):>6} samples x "
-                     f"{ev.get('sampling_steps', 0)} steps{'':>3}{_fmt(ev['hours'], '.2f'):>8}"
-                     f"{_fmt(ev.get('gpu_hours'), '.1f'):>9}{_fmt(ev.get('usd'), '.2f'):>10}")
+                     f"{ev.get('sampling_steps', 0)} steps{'':>3}{number(ev['hours'], '.2f'):>8}"
+                     f"{number(ev.get('gpu_hours'), '.1f'):>9}{number(ev.get('usd'), '.2f'):>10}")
     lines.append("-" * len(head))
-    lines.append(f"{'total':<34}{p['total_steps']:>9}{'':>11}{_fmt(p['total_hours'], '.2f'):>8}"
-                 f"{_fmt(p['total_gpu_hours'], '.1f'):>9}{_fmt(p['total_usd'], '.2f'):>10}")
+    lines.append(f"{'total':<34}{p['total_steps']:>9}{'':>11}{number(p['total_hours'], '.2f'):>8}"
+                 f"{number(p['total_gpu_hours'], '.1f'):>9}{number(p['total_usd'], '.2f'):>10}")
     b = p["budget"]
     caps = []
     if b["usd"]:
