@@ -49,11 +49,13 @@ def job_plan(m: Manifest, run_hours: float | None, stage_rows: list[dict]) -> di
 UNDER_BUDGET = 0.8  # a schedule needing less than this fraction of the budget is said to end inside it
 
 
-def planned_steps(m: Manifest) -> tuple[list[int], int]:
-    """Each stage's steps, and how many budget.policy extend_last_stage adds to the last one at the estimated speed
-    (the trainer re-does this at every job's start with the measured speed)."""
+def planned_steps(m: Manifest, reserve_gpu_hours: float = 0.0) -> tuple[list[int], int]:
+    """Each stage's steps, and how many budget.policy extend_last_stage adds to the last one at the estimated speed,
+    leaving `reserve_gpu_hours` of the budget (the evaluations') unspent (the trainer re-does this at every job's
+    start with the measured speed)."""
     steps = stage_steps(m)
     cap = budget_gpu_hours(m)
+    cap = max(0.0, cap - reserve_gpu_hours) if cap is not None else None
     rates = [s.est_img_per_s_per_gpu for s in m.stages]
     if m.budget.policy != "extend_last_stage" or cap is None or None in rates:
         return steps, 0
@@ -100,6 +102,9 @@ def make_plan(m: Manifest) -> dict:
     price = m.budget.gpu_hour_usd
     rows = []
     steps_each, extended = planned_steps(m)
+    for _ in range(3 if extended else 0):  # the extension leaves the evaluations' share of the budget (a fixed point)
+        ev = eval_plan(m, [*steps_each[:-1], steps_each[-1] + extended])
+        steps_each, extended = planned_steps(m, ev["gpu_hours"] if ev and ev["hours"] is not None else 0.0)
     steps_each[-1] += extended
     for s, steps in zip(m.stages, steps_each):
         images = steps * s.global_batch

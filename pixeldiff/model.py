@@ -94,8 +94,9 @@ class Attention(nn.Module):
         L = text.shape[1]
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
         tk, tv = self.text_kv(text).view(B, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        # rotated in the projections' dtype (bf16 under autocast), also where autocast runs RMSNorm in fp32
+        q = apply_rope(self.q_norm(q).to(v.dtype), cos, sin)
+        k = apply_rope(self.k_norm(k).to(v.dtype), cos, sin)
         k = torch.cat([self.text_k_norm(tk), k], dim=2)  # (B, h, L+N, hd)
         v = torch.cat([tv, v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, hd)
@@ -202,9 +203,10 @@ class PixelDiT(nn.Module):
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
-        tokens = self.patch_embed(patchify(x, p))  # (B, N, D)
-        c = self.t_embed(timestep_embedding(t).to(tokens.dtype))  # (B, D); fp32 tables, bf16 under FSDP bf16_comm
-        txt = self.text_proj(text)  # (B, L, D)
+        dtype = self.patch_embed[0].weight.dtype  # bf16 while FSDP2 runs with bf16 parameters (cluster.bf16_comm)
+        tokens = self.patch_embed(patchify(x.to(dtype), p))  # (B, N, D)
+        c = self.t_embed(timestep_embedding(t).to(tokens.dtype))  # (B, D); from the fp32 t, whatever runs the rest
+        txt = self.text_proj(text.to(dtype))  # (B, L, D)
         text_keep = text_mask.bool()
 
         def attn_mask(n):  # (B, 1, 1, L + n): padding text masked, every image token kept

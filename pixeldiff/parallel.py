@@ -44,11 +44,13 @@ def parallelize(model: torch.nn.Module, ema: EMA, cluster: ClusterConfig, world_
 
         mesh = distributed.device_mesh(device)
         # bf16_comm: parameters gathered (and the forward run) in bf16, half the bytes; gradients reduce-scattered in
-        # fp32 into the fp32 shards the optimizer steps; the output back in fp32 for the losses
+        # fp32 into the fp32 shards the optimizer steps; the output back in fp32 for the losses. The root's inputs are
+        # not cast: t stays fp32 for the timestep embedding (the model casts x and text to its weights' dtype)
         bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cluster.bf16_comm else {}
         for block in model.blocks:  # each block's parameters are gathered just before it runs
             fully_shard(block, mesh=mesh, mp_policy=MixedPrecisionPolicy(**bf16))
-        root = MixedPrecisionPolicy(**bf16, output_dtype=torch.float32 if bf16 else None)
+        root = MixedPrecisionPolicy(**bf16, output_dtype=torch.float32, cast_forward_inputs=False) if bf16 \
+            else MixedPrecisionPolicy()
         fully_shard(model, mesh=mesh, mp_policy=root)  # the rest: embeddings, final layer
         ema.shard_like(model)
         fsdp = True

@@ -277,7 +277,8 @@ def build_loss(name: str, cfg, device, storage_options: dict | None = None, log=
         source = cfg.weights if cfg.weights == str(path) else f"{cfg.weights} ({path})"
         sd = load_weights_file(path, key)
     cls = LpipsLoss if name == "lpips" else DinoLoss
-    return cls(cfg, device, state_dict=sd, source=source or "", key=key, compile=compile)
+    # with max_t the network sees a varying number of samples: static-shape graphs would recompile for each count
+    return cls(cfg, device, state_dict=sd, source=source or "", key=key, compile=compile and cfg.max_t is None)
 
 
 class PerceptualLosses:

@@ -444,13 +444,17 @@ class Trainer:
             out = self.train_step(batches)
             if first:
                 distributed.set_timeout(self.timeouts[1])  # steady state: a dead rank stops the others soon
-            self.agreed = distributed.agree_max_later(self.boundary(stop))  # read at the next boundary
             if not first:  # a stream's first step includes the data's start-up (workers, shards) and compiling: its
                 # time would inflate the stop margin (two steps, and the final grid's estimate) and stop a short job at once
                 self.clock.observe_step(time.perf_counter() - t0)
+            save = st.step % m.checkpoint.interval_steps == 0
+            grid = bool(m.logging.sample_interval) and st.step % m.logging.sample_interval == 0
+            why = self.eval_due(st.step)
+            busy = save or grid or why is not None
+            if not busy:  # read at the next boundary: the round trip overlaps the logging below
+                self.agreed = distributed.agree_max_later(self.boundary(stop))
             self.metrics.step(st.step, stage, out, t0, lambda: {**self.data.stats(), "skipped_steps": self.skipped()})
             self.metrics.heartbeat(st.step, elapsed_s=round(self.clock.elapsed(), 3))
-            save = st.step % m.checkpoint.interval_steps == 0
             if (save or st.step % m.logging.metrics_interval == 0) and self.guard.diverged(self.model, check_weights=save):
                 if not self.roll_back():
                     self.stop_code = DIVERGED
@@ -459,13 +463,23 @@ class Trainer:
                 continue
             if save:
                 self.ckpt.save(st.step)
-            if m.logging.sample_interval and st.step % m.logging.sample_interval == 0:
+            if grid:
                 self.write_samples()
-            if self.evaluator is not None and st.step < self.schedule.total_steps:
-                if st.step in self.schedule.ends:
-                    self.evaluate("stage_end")
-                elif m.eval.interval_steps and st.step % m.eval.interval_steps == 0:
-                    self.evaluate("interval")
+            if why is not None:
+                self.evaluate(why)
+            if busy:  # issued after the save, grid or evaluation: a deadline or signal that came during them, and
+                # whether the save started here has finished, are this boundary's (no stale "a save finished")
+                self.agreed = distributed.agree_max_later(self.boundary(stop))
+
+    def eval_due(self, step: int) -> str | None:
+        """Why the trainer evaluates after `step` in the loop ('stage_end', 'interval'), or None; the run's end is
+        evaluated after the loop."""
+        if self.evaluator is None or step >= self.schedule.total_steps:
+            return None
+        if step in self.schedule.ends:
+            return "stage_end"
+        every = self.m.eval.interval_steps
+        return "interval" if every and step % every == 0 else None
 
     def skipped(self) -> int:
         """Steps skipped in this job (read at logging intervals); the ledger hears of the first."""

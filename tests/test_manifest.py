@@ -425,6 +425,17 @@ def test_dryrun_plan():
     assert p["total_gpu_hours"] == pytest.approx(train + p["eval"]["gpu_hours"])
 
 
+def test_extending_the_last_stage_leaves_the_evaluations_their_share_of_the_budget():
+    """budget.policy extend_last_stage spends the budget on the last stage, less the evaluations' GPU-hours (which
+    grow with it): the plan stays inside the budget and does not warn that it will not finish."""
+    m = load_manifest(SPEEDRUN, overrides=["budget.policy=extend_last_stage"])
+    p = make_plan(m)
+    assert p["extended_steps"] > 0 and p["eval"]["count"] > 12
+    assert p["total_gpu_hours"] <= p["budget"]["gpu_hours"] and p["warnings"] == []
+    no_eval = make_plan(load_manifest(SPEEDRUN, overrides=["budget.policy=extend_last_stage", "eval.enabled=false"]))
+    assert no_eval["extended_steps"] > p["extended_steps"]  # without evaluations more steps fit
+
+
 def test_the_plan_prices_the_evaluations_at_their_stages_training_flop_rate():
     """eval every 300 steps of a 900 + 250 step run: at 300, 600, 900 (32 px, also the stage's end) and 1150 (64 px,
     the run's end). Each is samples x sampling steps x 2 (guidance) dense forwards at the FLOP rate the stage trains

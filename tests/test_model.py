@@ -5,6 +5,7 @@ import shutil
 import pytest
 import torch
 
+import pixeldiff.model as model_module
 from pixeldiff.model import (
     PRESETS,
     ModelConfig,
@@ -228,7 +229,7 @@ def test_bf16_rope_adds_little_to_the_score_error_that_bf16_attention_already_ha
     assert ours < 0.05
 
 
-def test_the_model_rotates_in_the_autocast_dtype_and_gives_the_fp32_output_within_bf16_error():
+def test_the_model_rotates_in_the_autocast_dtype_and_gives_the_fp32_output_within_bf16_error(monkeypatch):
     model = make_model(perturb=True)
     x, t, text, mask = make_inputs()
     with torch.no_grad():
@@ -236,6 +237,16 @@ def test_the_model_rotates_in_the_autocast_dtype_and_gives_the_fp32_output_withi
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x, t, text, mask)
     assert {k[-1] for k in model._rope_cache} == {torch.float32, torch.bfloat16}
+    # autocast may run RMSNorm in fp32 (CUDA's lists differ from the CPU's): q and k are still rotated in bf16
+    seen = []
+    rope = model_module.apply_rope
+    monkeypatch.setattr(model_module, "apply_rope", lambda x, c, s: seen.append((x.dtype, c.dtype)) or rope(x, c, s))
+    for block in model.blocks:
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            monkeypatch.setattr(norm, "forward", lambda x, f=norm.forward: f(x).float())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, text, mask)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, set(seen)
     err = (low.float() - ref).abs().max() / ref.abs().max()
     assert 0 < err < 0.05, err
 
