@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from launcher.manifest import load_manifest
-from launcher.plan import number, format_plan, make_plan
+from launcher.plan import format_plan, make_plan, number
 from pixeldiff.config import ConfigError, Manifest, dump_yaml, load_resolved, to_dict
 
 
