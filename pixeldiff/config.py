@@ -231,6 +231,9 @@ class DataConfig:
     # either way; every micro-batch is one bucket (docs/data.md)
     buckets: Literal["square", "aspect"] = "square"
     max_aspect: float = 2.0
+    # workers: every image decoded, resized and cropped in the DataLoader workers (PIL); device: JPEGs only checked from
+    # their headers there and decoded, cropped and resized by the training process on its device (nvJPEG on a GPU)
+    decode: Literal["workers", "device"] = "workers"
     s3: S3Config = field(default_factory=S3Config)
     text: TextConfig = field(default_factory=TextConfig)
 

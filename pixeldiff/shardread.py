@@ -41,6 +41,7 @@ class ReadOptions:
     buckets: tuple = ()  # (h, w) sizes (`bucket_sizes`); () = one square bucket of `resolution`
     max_unreadable: float = 1.0  # fraction of a stream's shards per pass that may be given up on (data.max_bad_fraction)
     holdout: tuple | None = None  # (fraction, seed): keys `evaluate.held_out` names are the eval set, never trained on
+    jpeg_on_device: bool = False  # data.decode: device: a JPEG is checked from its header and left encoded (devdecode)
 
     @property
     def sizes(self) -> tuple:
@@ -167,7 +168,9 @@ def read_caption(parts: dict, caption_key: str) -> str | None:
 
 def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
     """-> dict(image uint8 (3, h, w) of its bucket, bucket (its index), kept, kept_square (fractions of the image's
-    pixels the crop keeps, and a square crop would), caption, key[, emb (l, D) float16, mask (l,)]) or Bad."""
+    pixels the crop keeps, and a square crop would), caption, key[, emb (l, D) float16, mask (l,)]) or Bad.
+    With `opt.jpeg_on_device` a JPEG's sample has instead jpeg: (its bytes as a uint8 tensor, the crop box (left,
+    top, right, bottom) in its pixels, flip) and size: (h, w), for `devdecode.decode_jpegs` in the training process."""
     if DUPLICATE in parts:
         return Bad("duplicate_member", key)
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
@@ -188,6 +191,14 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
         if s > 1 and opt.small_images == "skip":
             return Bad("too_small", key)
         kept, kept_square = kept_fraction(w, h, bw, bh), min(w, h) ** 2 / (w * h)
+        if opt.jpeg_on_device and img.format == "JPEG":  # the training process decodes, resizes and crops it
+            cw, ch = bw / s, bh / s
+            left, top = round((w - cw) / 2), round((h - ch) / 2)
+            box = (left, top, max(left + 1, round((w + cw) / 2)), max(top + 1, round((h + ch) / 2)))
+            flip = opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5
+            out = {"jpeg": (torch.frombuffer(bytearray(parts[img_ext]), dtype=torch.uint8), box, flip),
+                   "size": (bh, bw)}
+            return _with_text(out, parts, opt, caption, key, b, kept, kept_square)
         if img.format == "JPEG":  # decode at a reduced size when the image is much larger than needed
             img.draft("RGB", (max(bw, int(w * s)), max(bh, int(h * s))))
         img = img.convert("RGB")
@@ -206,8 +217,14 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
         return Bad("corrupt_image", key)
     if opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    out = {"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "caption": caption, "key": key,
-           "bucket": b, "kept": kept, "kept_square": kept_square}
+    return _with_text({"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)}, parts, opt, caption, key,
+                      b, kept, kept_square)
+
+
+def _with_text(out: dict, parts: dict, opt: ReadOptions, caption: str, key: str, b: int, kept: float,
+               kept_square: float):
+    """A decoded (or device-bound) image's sample: its caption, bucket, crop fractions and embeddings, or Bad."""
+    out.update(caption=caption, key=key, bucket=b, kept=kept, kept_square=kept_square)
     if opt.text_len:
         try:
             emb = np.load(io.BytesIO(parts["emb.npy"]), allow_pickle=False)

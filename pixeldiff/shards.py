@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pixeldiff.devdecode import decode_jpegs
 from pixeldiff.evaluate import held_out
 from pixeldiff.shardlist import DataError, check_protocols, shard_list
 from pixeldiff.shardread import (BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, bucket_sizes, decode_sample,
@@ -232,8 +233,16 @@ class ShardDataset(torch.utils.data.IterableDataset):
 def collate(items: list[dict], stream: int, pos: Position, counts: dict, opt: ReadOptions | None = None) -> dict:
     """One micro-batch of one bucket. Embeddings (float16) are padded to the longest in the batch only; `to_device`
     pads them to data.text.max_tokens (`text_len`) and makes them float on the device."""
+    jpegs = [(j, *it["jpeg"]) for j, it in enumerate(items) if "jpeg" in it]  # data.decode: device
+    if jpegs:  # the slots of the JPEGs left encoded stay zero until `devdecode.decode_jpegs` fills them
+        image = torch.zeros(len(items), 3, *items[0]["size"], dtype=torch.uint8)
+        for j, it in enumerate(items):
+            if "image" in it:
+                image[j] = it["image"]
+    else:
+        image = torch.stack([it["image"] for it in items])
     batch = {
-        "image": torch.stack([it["image"] for it in items]),  # (B, 3, h, w) uint8, one bucket
+        "image": image,  # (B, 3, h, w) uint8, one bucket
         "caption": [it["caption"] for it in items],
         "key": [it["key"] for it in items],
         "stream": stream,
@@ -242,6 +251,8 @@ def collate(items: list[dict], stream: int, pos: Position, counts: dict, opt: Re
         "kept": sum(it["kept"] for it in items),  # pixels kept by the bucket crop, summed over the batch
         "kept_square": sum(it["kept_square"] for it in items),  # ... and by a square crop
     }
+    if jpegs:
+        batch["jpeg"] = jpegs  # [(slot, bytes, box, flip)]
     if "emb" in items[0]:
         B, D, n = len(items), items[0]["emb"].shape[1], max(it["emb"].shape[0] for it in items)
         emb, mask = torch.zeros(B, n, D, dtype=torch.float16), torch.zeros(B, n, dtype=torch.bool)
@@ -342,7 +353,7 @@ class ShardSource:
     """The trainer's view: batches for a stage, the position to checkpoint, bad-sample counts."""
 
     def __init__(self, data_cfg, text_cfg, rank: int = 0, world: int = 1, pin_memory: bool = False, patch: int = 1,
-                 holdout: tuple | None = None):
+                 holdout: tuple | None = None, device: torch.device | None = None):
         self.cfg, self.text_cfg, self.rank, self.world = data_cfg, text_cfg, rank, world
         self.holdout = holdout  # (fraction, seed) of the keys held out for evaluation (evaluate.training_holdout)
         self.patch = patch  # bucket sides are multiples of the model's patch size
@@ -363,6 +374,7 @@ class ShardSource:
         self.kept = [0.0, 0.0]  # sums over consumed samples: fraction of pixels kept by the bucket crop, by a square one
         self.batches_seen = 0  # batches consumed: the DataLoader deals them round-robin over the streams
         self.pin_memory = pin_memory
+        self.device = device or torch.device("cpu")  # where data.decode: device decodes the JPEGs
         self._loader = None
 
     # positions of this rank's streams
@@ -426,7 +438,8 @@ class ShardSource:
                           text_len=self.text_cfg.max_tokens if self.text_cfg.encoder == "precomputed" else 0,
                           text_dim=self.text_cfg.dim, caption_key=c.caption_key,
                           buckets=bucket_sizes(resolution, self.patch, c.max_aspect) if c.buckets == "aspect" else (),
-                          max_unreadable=c.max_bad_fraction, holdout=self.holdout)
+                          max_unreadable=c.max_bad_fraction, holdout=self.holdout,
+                          jpeg_on_device=c.decode == "device")
         ds = ShardDataset(self.urls, c.seed, self.rank, self.world, self.workers, self.positions, micro, opt,
                           self.storage_options, rotate=self.batches_seen % max(1, self.workers),
                           window=c.shuffle_buffer)
@@ -453,13 +466,21 @@ class ShardSource:
 
     def _account(self, batches):
         for batch in batches:
+            n = len(batch["key"])
+            failed = decode_jpegs(batch, self.device) if "jpeg" in batch else 0  # data.decode: device
+            if failed != 0:  # counted as the training process's own "stream" -1; None: not one image decoded
+                failed = n if failed is None else failed
+                here = self.bad_live.setdefault(-1, dict.fromkeys(BAD_KINDS, 0))
+                here["corrupt_image"] += failed
             s = batch["stream"]
             self.positions[s] = Position(*batch["position"])
             self.bad_live[s] = batch["bad"]
-            self.samples += len(batch["key"])
-            name = "x".join(map(str, batch["image"].shape[-2:]))
-            self.buckets[name] = self.buckets.get(name, 0) + len(batch["key"])
-            self.kept = [self.kept[0] + batch["kept"], self.kept[1] + batch["kept_square"]]
-            self.batches_seen += 1
+            self.batches_seen += 1  # a dropped batch too: the DataLoader deals batches round-robin over the streams
+            self.samples += n - failed
+            if failed < n:
+                name = "x".join(map(str, batch["image"].shape[-2:]))
+                self.buckets[name] = self.buckets.get(name, 0) + n
+                self.kept = [self.kept[0] + batch["kept"], self.kept[1] + batch["kept_square"]]
             self.check_bad_fraction()
-            yield batch
+            if failed < n:
+                yield batch

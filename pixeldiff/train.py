@@ -118,7 +118,7 @@ def build_data(m: Manifest, env: distributed.DistEnv, device: torch.device) -> B
     if m.data.source == "synthetic":
         return SyntheticSource(m.data.seed, env.rank, env.world_size)
     return ShardSource(m.data, m.data.text, rank=env.rank, world=env.world_size, pin_memory=device.type == "cuda",
-                       patch=resolve_model_config(m.model).patch_size, holdout=training_holdout(m))
+                       patch=resolve_model_config(m.model).patch_size, holdout=training_holdout(m), device=device)
 
 
 def collective_timeouts(m: Manifest, environ=os.environ) -> tuple[float, float]:

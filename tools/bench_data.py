@@ -1,7 +1,7 @@
 """Benchmark the shard pipeline against decode-only, from local disk and from S3.
 
     python tools/bench_data.py [--images 512] [--size 768x640 | --mixed [--scale 2]] [--res 512] [--workers 1]
-                               [--shuffle-buffer 1000] [--s3] [--embeddings 256x2304]
+                               [--shuffle-buffer 1000] [--s3] [--embeddings 256x2304] [--device cpu]
 
 Writes JPEG shards of random-texture images to a temporary directory, then prints
 samples/s per worker for:
@@ -16,6 +16,11 @@ samples/s per worker for:
   local+buckets `local` with data.buckets aspect (patch 32): each image to its aspect bucket, one bucket
                 per micro-batch; its ratio to `local` is the cost of the buckets (use --mixed: images of
                 five aspects from 1:1.75 to 1.75:1 at about the same pixel count);
+  header-only   data.decode: device, a worker's share: `decode_sample` reading only each JPEG's header (checks,
+                bucket, crop box), one process: the worker-side limit when the device decodes;
+  device-decode data.decode: device, the training process's share: `devdecode.decode_jpegs` on micro-batches of
+                16 on --device (nvJPEG on cuda; torchvision's libjpeg-turbo on the CPU);
+  local+device  `local` with data.decode: device, end to end (the decode on --device in the main process);
   s3            the same shards uploaded to a moto S3 server on 127.0.0.1 (with --s3;
                 needs moto[server] and s3fs).
 and each pipeline row's ratio to decode-only, measured in the same run.
@@ -76,9 +81,9 @@ def write_shards(root: Path, images: list[bytes], per_shard: int) -> list[Path]:
     return paths
 
 
-def decode_only(images: list[bytes], res: int, repeats: int = 2, buckets: bool = False) -> float:
+def decode_only(images: list[bytes], res: int, repeats: int = 2, buckets: bool = False, header: bool = False) -> float:
     """Best of `repeats` passes, so a noisy neighbour on the machine does not lower the limit."""
-    opt = ReadOptions(resolution=res, buckets=bucket_sizes(res, 32) if buckets else ())
+    opt = ReadOptions(resolution=res, buckets=bucket_sizes(res, 32) if buckets else (), jpeg_on_device=header)
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -88,11 +93,35 @@ def decode_only(images: list[bytes], res: int, repeats: int = 2, buckets: bool =
     return best
 
 
+def device_decode(images: list[bytes], res: int, device: str, micro: int = 16, repeats: int = 2) -> float:
+    """Samples/s of the training process's decode (`devdecode.decode_jpegs`) of micro-batches already read."""
+    import torch
+
+    from pixeldiff.devdecode import decode_jpegs
+    from pixeldiff.shards import Position, collate
+
+    opt = ReadOptions(resolution=res, jpeg_on_device=True)
+    items = [decode_sample(f"{i}", {"jpg": data, "txt": b"x"}, opt, 0) for i, data in enumerate(images)]
+    dev = torch.device(device)
+    best = 0.0
+    for _ in range(repeats + 1):  # the first pass warms the decoder up (nvJPEG's handles, CUDA's context)
+        batches = [collate(items[i: i + micro], 0, Position(), {}) for i in range(0, len(items) - micro + 1, micro)]
+        t0 = time.perf_counter()
+        for b in batches:
+            decode_jpegs(b, dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, len(batches) * micro / (time.perf_counter() - t0))
+    return best
+
+
 def pipeline(shards, n: int, res: int, workers: int, s3: S3Config | None = None, shuffle: int = 0,
-             buckets: str = "square") -> float:
+             buckets: str = "square", decode: str = "workers", device: str = "cpu") -> float:
+    import torch
+
     cfg = DataConfig(source="webdataset", shards=shards, workers=workers, prefetch=4, s3=s3 or S3Config(),
-                     shuffle_buffer=shuffle, buckets=buckets)
-    src = ShardSource(cfg, TextConfig(), patch=32)
+                     shuffle_buffer=shuffle, buckets=buckets, decode=decode)
+    src = ShardSource(cfg, TextConfig(), patch=32, device=torch.device(device))
     micro = 16
     it = src.batches(res, micro)
     next(it)  # start-up (worker processes, first shard) is not throughput
@@ -158,6 +187,7 @@ def main(argv=None):
                                                                "as in shards pre-resized to it; 2.0: photos larger "
                                                                "than the crop, which every pipeline must resample)")
     ap.add_argument("--embeddings", metavar="LxD", help="measure the bytes of embedding batches instead")
+    ap.add_argument("--device", default="cpu", help="where data.decode: device decodes (cpu, cuda)")
     args = ap.parse_args(argv)
     if args.embeddings:
         return embedding_bytes(*(int(v) for v in args.embeddings.split("x")))
@@ -183,6 +213,10 @@ def main(argv=None):
         rows.append(("local", pipeline(local, 2 * args.images, args.res, args.workers)))
         rows.append(("local+shuffle", pipeline(local, 2 * args.images, args.res, args.workers, shuffle=args.shuffle_buffer)))
         rows.append(("local+buckets", pipeline(local, 2 * args.images, args.res, args.workers, buckets="aspect")))
+        rows.append(("header-only", decode_only(images, args.res, header=True)))
+        rows.append(("device-decode", device_decode(images, args.res, args.device)))
+        rows.append(("local+device", pipeline(local, 2 * args.images, args.res, args.workers, decode="device",
+                                              device=args.device)))
         if args.s3:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from s3server import DUMMY_ENV, create_bucket, s3_client, start_moto
@@ -198,7 +232,8 @@ def main(argv=None):
                 rows.append(("s3 (moto)", pipeline(urls, args.images, args.res, args.workers, S3Config(endpoint_url=url))))
             finally:
                 stop()
-    print(f"{'source':<16}{'samples/s/worker':>18}{'vs decode-only':>16}{'vs local':>10}")
+    print(f"{'source':<16}{'samples/s/worker':>18}{'vs decode-only':>16}{'vs local':>10}   (device-decode: "
+          f"samples/s of the main process on {args.device})")
     print("-" * 60)
     plain = rows[2][1]
     for name, rate in rows:

@@ -10,7 +10,8 @@
 #      frozen networks (no weights files on the device), evaluation off (torchmetrics is not in the image);
 #   2. tools/bench_step.py at 512 px: eager vs compiled, and each loss and switch against eager (compiling each
 #      variant would not fit the 8 minutes; the calibrate rows are compiled);
-#   3. tools/bench_data.py: JPEG decode + crop at 512 and 1024 px with 1, 4 and 8 workers.
+#   3. tools/bench_data.py: JPEG decode + crop at 512 and 1024 px with 1, 4 and 8 workers, in the workers (PIL)
+#      and with data.decode: device (the workers read headers, nvJPEG decodes on the GPU).
 # PIXELDIFF_GPU_CHECK_SMOKE=1 runs the same parts tiny, on the CPU, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ echo "commit $commit, $(date -u +%Y-%m-%dT%H:%MZ)" | tee -a "$OUT/device.txt"
 if [ "${PIXELDIFF_GPU_CHECK_SMOKE:-0}" = 1 ]; then
     MANIFEST=manifests/dryrun.yaml; STEPS=3; SETS=(--set eval.enabled=false)
     BENCH=(--preset tiny --res 32:8 --text-len 8 --text-dim 64 --steps 2 --warmup 1 --modes eager,eager+tread)
-    DATA=(--images 64 --size 96x80 --res 64 --per-shard 16); WORKERS="1 2"; RESES="64"
+    DATA=(--images 64 --size 96x80 --res 64 --per-shard 16 --device cpu); WORKERS="1 2"; RESES="64"
 else
     MANIFEST=manifests/speedrun.yaml; STEPS=20
     # synthetic captions are a few words: text untrimmed, at the full 256 tokens real captions can reach
@@ -40,7 +41,7 @@ else
           --set data.text.trim=false --set eval.enabled=false --set cluster.compile=true)
     BENCH=(--preset JiT-32 --res 512:32 --text-len 256 --text-dim 2304 --steps 10 --warmup 3
            --modes eager,compile,eager+tread,eager+lpips,eager+dino,eager+repa,eager+tread+lpips+dino+repa,eager+muon)
-    DATA=(--images 1024 --size 768x640 --per-shard 128); WORKERS="1 4 8"; RESES="512 1024"
+    DATA=(--images 1024 --size 768x640 --per-shard 128 --device cuda); WORKERS="1 4 8"; RESES="512 1024"
 fi
 
 echo "== 1. calibrate $MANIFEST ($STEPS steps per stage)" | tee "$OUT/calibrate.txt"
@@ -55,7 +56,7 @@ echo "== 3. bench_data" | tee "$OUT/bench_data.txt"
 for res in $RESES; do
     for w in $WORKERS; do
         echo "-- ${res} px, $w worker(s)" | tee -a "$OUT/bench_data.txt"
-        timeout 30 "$PY" tools/bench_data.py "${DATA[@]}" --res "$res" --workers "$w" 2>&1 | tail -6 \
+        timeout 40 "$PY" tools/bench_data.py "${DATA[@]}" --res "$res" --workers "$w" 2>&1 | tail -11 \
             | tee -a "$OUT/bench_data.txt"
     done
 done
