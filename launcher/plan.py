@@ -13,7 +13,7 @@ import math
 
 from pixeldiff.config import Manifest
 from pixeldiff.presets import forward_flops, param_count
-from pixeldiff.schedule import budget_gpu_hours, resplit, stage_steps
+from pixeldiff.schedule import budget_gpu_hours, eval_reason, resplit, stage_steps
 
 STARTUP_S = 120.0  # a job's start-up before its first step (imports, NCCL, restore), an estimate
 WRITE_BYTES_PER_S = 1e9  # checkpoint write speed to shared storage, an estimate
@@ -70,8 +70,8 @@ def eval_steps(m: Manifest, ends: list[int]) -> list[int]:
     if not m.eval.enabled:
         return []
     every = m.eval.interval_steps
-    at = set(range(every, ends[-1], every)) if every else set()
-    return sorted(at | set(ends))
+    candidates = set(range(every, ends[-1] + 1, every) if every else ()) | set(ends)
+    return sorted(s for s in candidates if eval_reason(s, ends, every))
 
 
 def eval_plan(m: Manifest, steps_each: list[int]) -> dict | None:

@@ -33,6 +33,16 @@ def stage_steps(m: Manifest) -> list[int]:
     return out
 
 
+def eval_reason(step: int, ends, every: int) -> str | None:
+    """Why a run evaluates after `step` ('interval', 'stage_end', 'end': the run's last step), or None: every
+    eval.interval_steps (`every`, 0 = never), and at each stage's end. The trainer and the plan both ask here."""
+    if step == ends[-1]:
+        return "end"
+    if step in ends:
+        return "stage_end"
+    return "interval" if every and step % every == 0 and step < ends[-1] else None
+
+
 @dataclass(frozen=True)
 class StageSchedule:
     ends: tuple[int, ...]  # cumulative step at which each stage ends

@@ -42,7 +42,7 @@ from pixeldiff.perceptual import PerceptualLosses
 from pixeldiff.repa import build_teacher, repa_active
 from pixeldiff.process import LOCK_WAIT_S, RunLocked, StopFlag, code_version, leave, lock_run, no_world_write
 from pixeldiff.sample import shared_grid
-from pixeldiff.schedule import StageSchedule, lr_at
+from pixeldiff.schedule import StageSchedule, eval_reason, lr_at
 from pixeldiff.shards import DataError, ShardSource
 from pixeldiff.storage import storage_options
 from pixeldiff.text import make_text_encoder, null_caption
@@ -474,12 +474,10 @@ class Trainer:
     def eval_due(self, step: int) -> str | None:
         """Why the trainer evaluates after `step` in the loop ('stage_end', 'interval'), or None; the run's end is
         evaluated after the loop."""
-        if self.evaluator is None or step >= self.schedule.total_steps:
+        if self.evaluator is None:
             return None
-        if step in self.schedule.ends:
-            return "stage_end"
-        every = self.m.eval.interval_steps
-        return "interval" if every and step % every == 0 else None
+        why = eval_reason(step, self.schedule.ends, self.m.eval.interval_steps)
+        return None if why == "end" else why
 
     def skipped(self) -> int:
         """Steps skipped in this job (read at logging intervals); the ledger hears of the first."""

@@ -43,3 +43,18 @@ def test_extend_lengthens_only_the_last_stage_to_fill_the_budget():
     assert resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=80, extend=True) == \
         resplit((100, 150), 40, [32, 32], [8.0, 4.0], 4, seconds_left=80)  # too long: shrunk as finish_stages does
     assert resplit((100, 150), 40, [32, 32], [8.0, None], 4, seconds_left=1000, extend=True) == (100, 150)  # no rate
+
+
+def test_eval_reason_is_the_one_rule_the_plan_and_the_trainer_share():
+    from conftest import tiny_manifest_dict
+    from launcher.plan import eval_steps
+    from pixeldiff.config import Manifest, from_dict
+    from pixeldiff.schedule import eval_reason
+
+    ends = [300, 450]
+    assert [eval_reason(s, ends, 100) for s in (99, 100, 300, 400, 450, 500)] == \
+        [None, "interval", "stage_end", "interval", "end", None]
+    assert [eval_reason(s, ends, 0) for s in (100, 300, 450)] == [None, "stage_end", "end"]
+    assert eval_reason(200, ends, 200) == "interval" and eval_reason(450, ends, 150) == "end"
+    m = from_dict(Manifest, tiny_manifest_dict(steps=(300, 150), eval={"enabled": True, "interval_steps": 100}))
+    assert eval_steps(m, ends) == [100, 200, 300, 400, 450]
