@@ -269,6 +269,24 @@ def test_bf16_communication_trains_close_to_fp32_and_resumes(write_manifest, tmp
     assert r.returncode == 0 and "resumed from" in r.stdout and "step-00000004" in r.stdout, r.stdout + r.stderr
 
 
+def test_fsdp_bf16_runs_the_blocks_in_bf16_and_keeps_t_and_gradients_fp32():
+    """FSDP2 with cluster.bf16_comm, 2 gloo ranks, one forward and backward of the model: t reaches the model in fp32
+    (the root does not cast its inputs: a bf16 t would be rounded to 8 bits before the timestep embedding), the
+    blocks run with bf16 parameters and activations, the output and the gradient shards are fp32."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "fsdp_dtype_ranks.py")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    lines = re.findall(r"rank \d dtypes (.*)", out)
+    assert len(lines) == 2, out
+    for line in lines:
+        seen = dict(kv.split("=", 1) for kv in line.split())
+        assert seen == {"t_in": "torch.float32", "root_t": "torch.float32", "t_embed_weight": "torch.bfloat16",
+                        "block0_in": "torch.bfloat16", "block0_weight": "torch.bfloat16", "out": "torch.float32",
+                        "grads": "['torch.float32']"}, line
+
+
 def test_the_step_boundary_agreement_times_out_by_phase():
     """The control group (gloo, CPU tensors) waits the start-up timeout while a job starts and the short one once
     it trains: a rank 6 s late in steady state (timeout 2 s) makes the other time out; 4 s late at start-up does
