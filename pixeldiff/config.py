@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from pixeldiff.buckets import bucket_sizes
 from pixeldiff.presets import ModelConfig, resolve_model_config
 
 
@@ -632,12 +633,18 @@ def validate(m: Manifest) -> None:
                               f"{lp.net!r} backbone needs; use at least {least}")
     elif lp.weight > 0:
         least = LPIPS_MIN_SIDE[lp.net]
+        patch = resolve_model_config(m.model).patch_size
         for i, s in enumerate(m.stages):
-            if math.floor(s.resolution * lp.downscale) < least:
+            # with aspect buckets the shortest side is the most elongated bucket's (352 of 352x704 at 512 px)
+            side = min(min(b) for b in bucket_sizes(s.resolution, patch, m.data.max_aspect)) \
+                if m.data.buckets == "aspect" else s.resolution
+            if math.floor(side * lp.downscale) < least:
+                what = f"images of {s.resolution} px" if side == s.resolution else \
+                    f"images of {s.resolution} px in aspect buckets (shortest side {side} px)"
                 raise ConfigError(
-                    f"losses.lpips.downscale: stages[{i}] images of {s.resolution} px become "
-                    f"{math.floor(s.resolution * lp.downscale)} px, smaller than the {least} px the {lp.net!r} "
-                    f"backbone needs; raise downscale (at most 1) or the stage resolution"
+                    f"losses.lpips.downscale: stages[{i}] {what} become {math.floor(side * lp.downscale)} px, "
+                    f"smaller than the {least} px the {lp.net!r} backbone needs; raise downscale (at most 1) or the "
+                    f"stage resolution, or use losses.lpips.resolution"
                 )
     if dn.resolution <= 0:
         raise ConfigError(f"losses.dino.resolution: must be > 0, got {dn.resolution}")

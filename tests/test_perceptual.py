@@ -295,6 +295,25 @@ def test_bad_loss_settings_are_refused(tmp_path, capsys, losses, message):
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
+def test_lpips_downscale_is_checked_against_the_shortest_aspect_bucket(tmp_path, capsys):
+    """40 px with the test preset's patch 4: the 2:1 buckets are 28x56, below the 31 px alex needs; square 40 px is
+    fine, and so is a fixed losses.lpips.resolution."""
+    from conftest import tiny_manifest_dict
+
+    stages = [{"name": "40px", "resolution": 40, "global_batch": 8, "steps": 2}]
+    lp = {"lpips": {"weight": 0.1, "net": "alex"}}
+    shards = {"source": "webdataset", "shards": str(tmp_path / "train-{000..003}.tar")}
+    for data, code in (({**shards, "buckets": "square"}, 0), ({**shards, "buckets": "aspect"}, 2)):
+        path = tmp_path / "m.yaml"
+        path.write_text(yaml.safe_dump(tiny_manifest_dict(stages=stages, losses=lp, data=data)))
+        assert launch_main(["plan", str(path)]) == code
+    err = capsys.readouterr().err
+    assert "stages[0] images of 40 px in aspect buckets (shortest side 28 px) become 28 px, smaller than the 31 px" in err
+    fixed = {"lpips": {"weight": 0.1, "net": "alex", "resolution": 32}}
+    path.write_text(yaml.safe_dump(tiny_manifest_dict(stages=stages, losses=fixed, data={**shards, "buckets": "aspect"})))
+    assert launch_main(["plan", str(path)]) == 0
+
+
 def test_unknown_dino_model_is_refused_at_plan(tmp_path, capsys):
     from conftest import tiny_manifest_dict
 
