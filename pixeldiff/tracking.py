@@ -99,7 +99,10 @@ class WandbTracker:
         config.get("cluster", {}).pop("env", None)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, id=run_id(run_dir, m.name),
                               name=m.name, resume="allow", dir=str(run_dir), config=config,
-                              settings=wandb.Settings(console="off", quiet=True, init_timeout=120))
+                              settings=wandb.Settings(console="off", quiet=True, silent=True, init_timeout=120))
+        # silent: wandb's own banner (offline notice, sync hints) would interleave with every rank-0 log; one line
+        where = f"offline in {run_dir}/wandb (`wandb sync` it later)" if cfg.mode == "offline" else "online"
+        log(f"W&B run {self.run.id} ({cfg.project}), {where}")
         self.first_step = resume_step + 1  # records below this belong to the checkpoint's past
         self.failed = False
         # W&B's next step, read once (asking the service each time costs a round trip, and a slow or gone service

@@ -163,6 +163,8 @@ def test_a_wandb_that_fails_or_hangs_never_stops_the_training(write_manifest, tm
     run_dir, _ = prepare_run_dir(load_manifest(manifest), tmp_path / "runs")
     said = []
     t = WandbTracker(run_dir, load_manifest(manifest), 0, log=said.append)
+    assert said == [f"W&B run {t.run.id} (p), offline in {run_dir}/wandb (`wandb sync` it later)"]  # wandb's own: silent
+    said.clear()
     t.log("train", 1, {"loss": 1.0})
     real_finish = t.run.finish
 
