@@ -83,16 +83,18 @@ def prepare_run_dir(m: Manifest, runs_dir: Path) -> tuple[Path, bool]:
     return run_dir, False
 
 
-def check_weights(m: Manifest, tracking: bool = True) -> None:
+def check_weights(m: Manifest, tracking: bool = True, warn: bool = True) -> None:
     """Local perceptual-loss weights must exist before anything starts (s3:// ones are checked when the job starts);
-    random-init perceptual networks are announced on stderr. W&B (logging.wandb) is installed and has a key."""
+    random-init perceptual networks are announced on stderr (`warn`: False where the trainer, starting in this
+    terminal, says the same). W&B (logging.wandb) is installed and has a key."""
     from pixeldiff import tracking as trackers
     from pixeldiff.weights import preflight
 
     if tracking:
         trackers.preflight(m)
     for message in preflight(m):
-        print(f"warning: {message}", file=sys.stderr)
+        if warn:
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def apply_calibration(m: Manifest, path: Path) -> Manifest:
@@ -188,7 +190,7 @@ def cmd_run_slurm(args, m: Manifest) -> int:
 def cmd_run(args) -> int:
     m = load_manifest(Path(args.manifest), args.set)
     local = args.local or m.cluster.backend == "local"
-    check_weights(m)
+    check_weights(m, warn=not local or args.detach)  # a local run's trainer warns in this terminal itself
     if not local:
         return cmd_run_slurm(args, m)
     if m.cluster.backend != "local":  # a dry run of a cluster manifest: its own run directory

@@ -335,9 +335,12 @@ def test_training_logs_each_loss_and_warns_about_random_weights(write_manifest, 
     runs = tmp_path / "runs"
     assert launch_main(["run", str(manifest), "--runs-dir", str(runs)]) == 0
     out = capsys.readouterr()
-    assert "warning: losses.lpips: weight 0.5 but no weights file" in out.err  # the launcher
-    assert "WARNING: losses.lpips: weight 0.5 but no weights file" in out.out  # the job
-    assert "losses.dino" not in out.err  # dino has its weights
+    # said once, by the job starting in this terminal (the launcher says it for a Slurm or detached run, and plan)
+    assert out.out.count("losses.lpips: weight 0.5 but no weights file") == 1 and "losses.lpips" not in out.err
+    assert "WARNING: losses.lpips: weight 0.5 but no weights file" in out.out
+    assert "losses.dino" not in out.out + out.err  # dino has its weights
+    assert launch_main(["plan", str(manifest)]) == 0
+    assert "warning: losses.lpips: weight 0.5 but no weights file" in capsys.readouterr().err
     run_dir = runs / "tiny"
     recs = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3]
