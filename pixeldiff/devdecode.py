@@ -1,74 +1,118 @@
 """JPEG decoding on the training device (`data.decode: device`): nvJPEG on a GPU, libjpeg-turbo on the CPU.
 
 With it the DataLoader workers only read a JPEG's header (size, the checks, the bucket, the crop box, the flip) and
-send its bytes; the training process decodes the batch's JPEGs in one call (torchvision's batched `decode_jpeg`),
-crops each to its box and resizes it (bicubic, antialiased) into the batch's uint8 image tensor on the device. Other
-formats are still decoded in the workers. A JPEG whose header reads but whose data does not decode is counted
-`corrupt_image`, like one the workers find, and its slot takes the first good sample of the batch (image, caption,
-key and embedding together), so every batch keeps its size; a batch with no good image is dropped.
+send its bytes, all of a micro-batch's in one tensor; the training process decodes them in one call (torchvision's
+batched `decode_jpeg`), crops each to its box and resizes it (bicubic, antialiased) into the batch's uint8 image
+tensor on the device. Other formats, and CMYK JPEGs (which nvJPEG does not decode), are still decoded in the
+workers. A JPEG the device's decoder rejects is decoded on the CPU instead; one that does not decode there either is
+counted `corrupt_image`, like one the workers find, and its slot takes the first good sample of the batch (image,
+caption, key and embedding together), so every batch keeps its size; a batch with no good image is dropped.
+
+On a GPU the work runs on a stream of its own: torchvision's CUDA decoder writes its outputs from nvJPEG's stream
+without waiting for the stream it allocated them on, so memory just freed by the training step's queued kernels must
+not be handed to it. The side stream's own earlier work (the previous batch's resizes, long done) is waited for
+first, the training stream waits for the side stream's result, and the image tensor is marked used on both.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 
-TEXT_FIELDS = ("caption", "key")  # per-sample lists of a batch; "emb"/"mask" are tensors, handled below
+FATAL = tuple(e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch, "AcceleratorError", None)) if e)
+_SIDE: dict = {}  # device -> its decode stream
+
+
+def _decoder():
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs for torchcodec's; they still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def _one(data: torch.Tensor, device: torch.device):
+    """One JPEG on `device`, from the CPU's decoder when the device's rejects it; None when neither decodes it."""
+    decode_jpeg, rgb = _decoder()
+    for where in dict.fromkeys((device, torch.device("cpu"))):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return decode_jpeg(data, mode=rgb, device=where).to(device)
+        except RuntimeError as e:
+            if isinstance(e, FATAL):  # out of memory, a broken device: not the image's fault
+                raise
+    return None
 
 
 def _decode_all(datas: list, device: torch.device) -> list:
     """Each JPEG decoded to (3, h, w) uint8 on `device`, or None where its data do not decode."""
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs for torchcodec's; they still work
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        try:
-            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad image fails the batched call: find which, one by one
-            out = []
-            for d in datas:
-                try:
-                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+    decode_jpeg, rgb = _decoder()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return list(decode_jpeg(datas, mode=rgb, device=device))
+    except RuntimeError as e:  # one bad image fails the batched call: decode them one by one
+        if isinstance(e, FATAL):
+            raise
+        return [_one(d, device) for d in datas]
 
 
 def crop_resize(img: torch.Tensor, box: tuple, size: tuple, flip: bool) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, h, w) uint8: the box (left, top, right, bottom) resized to `size` (h, w)."""
+    """(3, H, W) uint8 -> (3, h, w) uint8: the box (left, top, right, bottom) resized to `size` (h, w). A reduction
+    by more than 8x is done in two steps, an area average to four times the size and then the bicubic one (CUDA's
+    antialiased bicubic refuses reductions beyond about 47x; at 4x the two steps give the pixels of one)."""
     left, top, right, bottom = box
     x = img[None, :, top:bottom, left:right].float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    h, w = size
+    if x.shape[-2] > 8 * h or x.shape[-1] > 8 * w:
+        x = torch.nn.functional.interpolate(x, size=(min(x.shape[-2], 4 * h), min(x.shape[-1], 4 * w)), mode="area")
+    if tuple(x.shape[-2:]) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
     x = x[0].clamp_(0, 255).round_().to(torch.uint8)
     return x.flip(-1) if flip else x
 
 
+def _side_stream(device: torch.device):
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
+
+
 def decode_jpegs(batch: dict, device: torch.device) -> int | None:
-    """Fill the slots of `batch["jpeg"]` (removed) in `batch["image"]` (moved to `device`). -> the number of JPEGs
-    that did not decode (their slots now hold a copy of the first good sample), or None when no image of the batch
-    is good (drop the batch)."""
-    jobs = batch.pop("jpeg")
-    images = batch["image"].to(device, non_blocking=True)
-    size = tuple(images.shape[-2:])
-    bad = []
-    for (j, _, box, flip), img in zip(jobs, _decode_all([d for _, d, _, _ in jobs], device)):
-        if img is None:
-            bad.append(j)
-        else:
-            images[j] = crop_resize(img, box, size, flip)
-    batch["image"] = images
-    if bad:
+    """Fill the slots of `batch["jpeg"]` (removed) in `batch["image"]` (moved to `device`); take the failed ones'
+    crop fractions out of the batch's `kept` sums. -> the number of JPEGs that did not decode (their slots now hold a
+    copy of the first good sample), or None when no image of the batch is good (drop the batch)."""
+    job = batch.pop("jpeg")
+    data, starts = job["data"], [0, *job["ends"][:-1]]
+    datas = [data[a:b] for a, b in zip(starts, job["ends"])]
+    side = _side_stream(device) if device.type == "cuda" else None
+    if side is not None:
+        side.synchronize()  # its last work: the previous batch's resizes; their blocks may be reused now
+    with torch.cuda.stream(side) if side is not None else nullcontext():
+        images = batch["image"].to(device, non_blocking=True)
+        size = tuple(images.shape[-2:])
+        bad = []
+        for j, box, flip, img in zip(job["slots"], job["boxes"], job["flips"], _decode_all(datas, device)):
+            if img is None:
+                bad.append(j)
+            else:
+                images[j] = crop_resize(img, box, size, flip)
         good = [j for j in range(len(images)) if j not in set(bad)]
-        if not good:
-            return None
-        donor = good[0]
-        for j in bad:
-            images[j] = images[donor]
-            for k in TEXT_FIELDS:
-                batch[k][j] = batch[k][donor]
-            for k in ("emb", "mask"):
-                if k in batch:
-                    batch[k][j] = batch[k][donor]
+        for j in bad if good else ():
+            images[j] = images[good[0]]
+    if side is not None:
+        torch.cuda.current_stream(device).wait_stream(side)
+        images.record_stream(torch.cuda.current_stream(device))
+    batch["image"] = images
+    if bad and not good:
+        return None
+    lost = [kept for j, kept in zip(job["slots"], job["kept"]) if j in set(bad)]
+    batch["kept"] -= sum(k for k, _ in lost)
+    batch["kept_square"] -= sum(k for _, k in lost)
+    for j in bad:
+        for k in ("caption", "key", "emb", "mask"):
+            if k in batch:
+                batch[k][j] = batch[k][good[0]]
     return len(bad)

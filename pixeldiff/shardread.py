@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
 import random
 import tarfile
 import time
@@ -135,11 +136,23 @@ def read_caption(parts: dict, caption_key: str) -> str | None:
     return text.strip() if text is not None else None
 
 
+def jpeg_box(w: int, h: int, cw: float, ch: float) -> tuple[int, int, int, int]:
+    """The centre cw x ch box of a w x h image in whole pixels (left, top, right, bottom): each edge rounded half up
+    (the centre stays where PIL's fractional box has it; a side may be a pixel longer or shorter), at least 1 pixel,
+    inside the image."""
+    def edges(n, c):
+        lo = max(0, min(n - 1, math.floor((n - c) / 2 + 0.5)))
+        return lo, max(lo + 1, min(n, math.floor((n + c) / 2 + 0.5)))
+
+    (left, right), (top, bottom) = edges(w, cw), edges(h, ch)
+    return left, top, right, bottom
+
+
 def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
     """-> dict(image uint8 (3, h, w) of its bucket, bucket (its index), kept, kept_square (fractions of the image's
     pixels the crop keeps, and a square crop would), caption, key[, emb (l, D) float16, mask (l,)]) or Bad.
-    With `opt.jpeg_on_device` a JPEG's sample has instead jpeg: (its bytes as a uint8 tensor, the crop box (left,
-    top, right, bottom) in its pixels, flip) and size: (h, w), for `devdecode.decode_jpegs` in the training process."""
+    With `opt.jpeg_on_device` an RGB or greyscale JPEG's sample has instead jpeg: (its bytes, the crop box (left, top,
+    right, bottom) in its pixels, flip) and size: (h, w), for `devdecode.decode_jpegs` in the training process."""
     if DUPLICATE in parts:
         return Bad("duplicate_member", key)
     img_ext = next((e for e in IMAGE_EXTS if e in parts), None)
@@ -160,14 +173,10 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
         if s > 1 and opt.small_images == "skip":
             return Bad("too_small", key)
         kept, kept_square = kept_fraction(w, h, bw, bh), min(w, h) ** 2 / (w * h)
-        if opt.jpeg_on_device and img.format == "JPEG":  # the training process decodes, resizes and crops it
-            cw, ch = bw / s, bh / s
-            left, top = round((w - cw) / 2), round((h - ch) / 2)
-            box = (left, top, max(left + 1, round((w + cw) / 2)), max(top + 1, round((h + ch) / 2)))
-            flip = opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5
-            out = {"jpeg": (torch.frombuffer(bytearray(parts[img_ext]), dtype=torch.uint8), box, flip),
-                   "size": (bh, bw)}
-            return _with_text(out, parts, opt, caption, key, b, kept, kept_square)
+        if opt.jpeg_on_device and img.format == "JPEG" and img.mode in ("RGB", "L"):  # (nvJPEG decodes no CMYK)
+            out = {"jpeg": (parts[img_ext], jpeg_box(w, h, bw / s, bh / s),
+                            opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5), "size": (bh, bw)}
+            return _with_text(out, parts, opt, caption, key, b, kept, kept_square)  # decoded by the training process
         if img.format == "JPEG":  # decode at a reduced size when the image is much larger than needed
             img.draft("RGB", (max(bw, int(w * s)), max(bh, int(h * s))))
         img = img.convert("RGB")

@@ -233,9 +233,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
 def collate(items: list[dict], stream: int, pos: Position, counts: dict, opt: ReadOptions | None = None) -> dict:
     """One micro-batch of one bucket. Embeddings (float16) are padded to the longest in the batch only; `to_device`
     pads them to data.text.max_tokens (`text_len`) and makes them float on the device."""
-    jpegs = [(j, *it["jpeg"]) for j, it in enumerate(items) if "jpeg" in it]  # data.decode: device
+    jpegs = [j for j, it in enumerate(items) if "jpeg" in it]  # data.decode: device
     if jpegs:  # the slots of the JPEGs left encoded stay zero until `devdecode.decode_jpegs` fills them
-        image = torch.zeros(len(items), 3, *items[0]["size"], dtype=torch.uint8)
+        image = torch.zeros(len(items), 3, *items[jpegs[0]]["size"], dtype=torch.uint8)
         for j, it in enumerate(items):
             if "image" in it:
                 image[j] = it["image"]
@@ -251,8 +251,12 @@ def collate(items: list[dict], stream: int, pos: Position, counts: dict, opt: Re
         "kept": sum(it["kept"] for it in items),  # pixels kept by the bucket crop, summed over the batch
         "kept_square": sum(it["kept_square"] for it in items),  # ... and by a square crop
     }
-    if jpegs:
-        batch["jpeg"] = jpegs  # [(slot, bytes, box, flip)]
+    if jpegs:  # one tensor of all their bytes: one shared-memory file per batch, not one per JPEG
+        data = [items[j]["jpeg"][0] for j in jpegs]
+        batch["jpeg"] = {"data": torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8),
+                         "ends": list(itertools.accumulate(map(len, data))), "slots": jpegs,
+                         "boxes": [items[j]["jpeg"][1] for j in jpegs], "flips": [items[j]["jpeg"][2] for j in jpegs],
+                         "kept": [(items[j]["kept"], items[j]["kept_square"]) for j in jpegs]}
     if "emb" in items[0]:
         B, D, n = len(items), items[0]["emb"].shape[1], max(it["emb"].shape[0] for it in items)
         emb, mask = torch.zeros(B, n, D, dtype=torch.float16), torch.zeros(B, n, dtype=torch.bool)
@@ -479,7 +483,7 @@ class ShardSource:
             self.samples += n - failed
             if failed < n:
                 name = "x".join(map(str, batch["image"].shape[-2:]))
-                self.buckets[name] = self.buckets.get(name, 0) + n
+                self.buckets[name] = self.buckets.get(name, 0) + n - failed  # as `samples`: not the copies
                 self.kept = [self.kept[0] + batch["kept"], self.kept[1] + batch["kept_square"]]
             self.check_bad_fraction()
             if failed < n:

@@ -10,8 +10,9 @@ import webdataset as wds
 from PIL import Image
 
 from pixeldiff.config import DataConfig, TextConfig
-from pixeldiff.shardread import ReadOptions, decode_sample
-from pixeldiff.shards import ShardSource
+from pixeldiff.devdecode import decode_jpegs
+from pixeldiff.shardread import ReadOptions, decode_sample, jpeg_box
+from pixeldiff.shards import Position, ShardSource, collate
 
 SIZES = [(160, 120), (120, 160), (200, 100), (96, 96), (48, 40)]  # landscape, portrait, 2:1, square, smaller than the crop
 
@@ -74,9 +75,9 @@ def test_device_decode_gives_the_workers_batches(tmp_path):
             for j in range(len(a["key"])):
                 diff = (a["image"][j].float() - b["image"][j].float()).abs()
                 mirrored = (a["image"][j].float() - b["image"][j].flip(-1).float()).abs()
-                # PIL's bicubic and torch's antialiased bicubic differ by about one level; the workers' square path
-                # also crops at whole pixels of the resized image (up to half a pixel off the centre box, about 4.5
-                # levels on this texture), the device crops the exact box as the buckets' path does
+                # PIL's bicubic and torch's antialiased bicubic differ by about one level (the device's box edges are
+                # whole source pixels, PIL's fractional); the workers' square path also crops at whole pixels of the
+                # resized image (up to half a pixel off the centre box: about 4.5 levels on this texture)
                 bound = 1.5 if buckets == "aspect" else 6.0
                 assert diff.mean() < bound and diff.mean() < 0.2 * mirrored.mean(), (buckets, a["key"][j], diff.mean())
         assert sum(len(a["key"]) for a in cpu) == 18
@@ -158,3 +159,36 @@ def test_training_with_device_decode_runs_and_counts_what_does_not_decode(write_
     assert last["step"] == 13 and all(np.isfinite(r["loss"]) for r in rows)
     # 13 steps x 8 samples = 104 slots over 24-key epochs, 3 bad keys per epoch: at least 12 bad decodes
     assert last["bad_samples"].get("corrupt_image", 0) >= 12 and set(last["bad_samples"]) == {"corrupt_image"}
+
+
+def test_a_batch_led_by_a_png_a_cmyk_jpeg_and_a_large_reduction(tmp_path):
+    """Slot 0 decoded in the worker (a PNG), a CMYK JPEG left to the workers (nvJPEG decodes no CMYK), and a JPEG
+    reduced 50x (the area step before the bicubic one): the batch has the workers' pixels, and the JPEGs' bytes
+    travel as one tensor."""
+    big = photo(7, (2000, 1600))
+    png = io.BytesIO()
+    Image.fromarray(photo(1, (96, 80))).save(png, format="PNG")
+    cmyk = io.BytesIO()
+    Image.fromarray(photo(2, (96, 80))).convert("CMYK").save(cmyk, format="JPEG", quality=95)
+    parts = [{"png": png.getvalue()}, {"jpg": cmyk.getvalue()}, {"jpg": jpeg(big)}, {"jpg": jpeg(photo(3, (90, 70)))}]
+    on_device, in_workers = ReadOptions(resolution=32, jpeg_on_device=True), ReadOptions(resolution=32)
+    items = [decode_sample(f"k{i}", {**p, "txt": b"c"}, on_device, 0) for i, p in enumerate(parts)]
+    assert ["jpeg" in it for it in items] == [False, False, True, True]
+    batch = collate(items, 0, Position(), {})
+    assert batch["jpeg"]["data"].numel() == sum(len(p["jpg"]) for p in parts[2:]) and batch["jpeg"]["slots"] == [2, 3]
+    assert decode_jpegs(batch, torch.device("cpu")) == 0 and batch["image"].shape == (4, 3, 32, 32)
+    for j, p in enumerate(parts):
+        ref = decode_sample(f"k{j}", {**p, "txt": b"c"}, in_workers, 0)["image"]
+        if j < 2:  # decoded by the worker: carried as it is
+            assert torch.equal(batch["image"][j], ref), j
+        else:  # 50x: as close as one bicubic step (0.5 levels); 90x70: the square path's crop offset (first test)
+            assert (batch["image"][j].float() - ref.float()).abs().mean() < (1.0 if j == 2 else 6.5), j
+
+
+def test_the_crop_box_is_whole_pixels_centred_inside_the_image():
+    assert jpeg_box(38, 1, 1, 1) == (19, 0, 20, 1)  # a 1x1 crop stays 1x1 (no 2x1 stretched into a square)
+    assert jpeg_box(1002, 999, 999, 999) == (2, 0, 1001, 999)
+    assert jpeg_box(200, 100, 166.67, 100) == (17, 0, 183, 100)
+    for w, h, c in ((5, 7, 4.5), (1, 1, 1), (640, 480, 479.6), (33, 2000, 33)):
+        left, top, right, bottom = jpeg_box(w, h, c, c)
+        assert 0 <= left < right <= w and 0 <= top < bottom <= h and abs((right - left) - min(c, w)) <= 1
