@@ -187,7 +187,11 @@ class PixelDiT(nn.Module):
 
     def _rope(self, h: int, w: int, device: torch.device, dtype: torch.dtype):
         """The cos/sin tables of an h x w grid, computed in fp32 and kept in the dtype q and k have (bf16 under the
-        trainer's autocast: see apply_rope)."""
+        trainer's autocast: see apply_rope). Compiled, they are computed in the graph and not cached: a cache is a
+        dict the graph would guard on, and its first fill would compile every shape twice (a miss, then a hit)."""
+        if torch.compiler.is_compiling():
+            cos, sin = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)
+            return cos.to(dtype), sin.to(dtype)
         key = (h, w, device, dtype)
         if key not in self._rope_cache:
             cos, sin = rope_2d(h, w, self.cfg.width // self.cfg.heads, self.cfg.rope_theta, device)

@@ -370,6 +370,29 @@ def test_compile_matches_eager():
     assert eager.abs().max() > 1e-3
 
 
+def test_the_compiled_model_compiles_each_shape_once():
+    """The RoPE tables' cache is not part of the compiled graph: a second call at the same shape runs the first's
+    graph (the cache's first fill used to fail a guard and compile every resolution twice: minutes per stage on a
+    GPU), and a new resolution compiles once more. A counting backend: no inductor, only the graphs dynamo makes."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = make_model(perturb=True)
+    compiled = torch.compile(model, backend=counting, dynamic=False)
+    with torch.no_grad():
+        for res in (16, 16, 16, 32, 32):
+            x, t, text, mask = make_inputs(res=res)
+            torch.testing.assert_close(compiled(x, t, text, mask), model(x, t, text, mask), rtol=0, atol=1e-5)
+    assert len(graphs) == 2, f"{len(graphs)} graphs for 2 shapes"
+    torch._dynamo.reset()
+
+
 def test_forward_flops_with_tread_count_the_routed_span_as_it_runs():
     """TREAD: the routed blocks see only the kept tokens; FlopCounterMode on a routed forward agrees."""
     from torch.utils.flop_counter import FlopCounterMode
