@@ -25,21 +25,20 @@ FATAL = tuple(e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torc
 _SIDE: dict = {}  # device -> its decode stream
 
 
-def _decoder():
+def _decode(data, device: torch.device):
+    """torchvision's `decode_jpeg` (one tensor of bytes or a list) to RGB on `device`."""
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs for torchcodec's; they still work
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
-    return decode_jpeg, ImageReadMode.RGB
+
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 def _one(data: torch.Tensor, device: torch.device):
     """One JPEG on `device`, from the CPU's decoder when the device's rejects it; None when neither decodes it."""
-    decode_jpeg, rgb = _decoder()
     for where in dict.fromkeys((device, torch.device("cpu"))):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(data, mode=rgb, device=where).to(device)
+            return _decode(data, where).to(device)
         except RuntimeError as e:
             if isinstance(e, FATAL):  # out of memory, a broken device: not the image's fault
                 raise
@@ -48,11 +47,8 @@ def _one(data: torch.Tensor, device: torch.device):
 
 def _decode_all(datas: list, device: torch.device) -> list:
     """Each JPEG decoded to (3, h, w) uint8 on `device`, or None where its data do not decode."""
-    decode_jpeg, rgb = _decoder()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return list(decode_jpeg(datas, mode=rgb, device=device))
+        return list(_decode(datas, device))
     except RuntimeError as e:  # one bad image fails the batched call: decode them one by one
         if isinstance(e, FATAL):
             raise
@@ -93,14 +89,14 @@ def decode_jpegs(batch: dict, device: torch.device) -> int | None:
     with torch.cuda.stream(side) if side is not None else nullcontext():
         images = batch["image"].to(device, non_blocking=True)
         size = tuple(images.shape[-2:])
-        bad = []
+        bad = set()
         for j, box, flip, img in zip(job["slots"], job["boxes"], job["flips"], _decode_all(datas, device)):
             if img is None:
-                bad.append(j)
+                bad.add(j)
             else:
                 images[j] = crop_resize(img, box, size, flip)
-        good = [j for j in range(len(images)) if j not in set(bad)]
-        for j in bad if good else ():
+        good = [j for j in range(len(images)) if j not in bad]
+        for j in sorted(bad) if good else ():
             images[j] = images[good[0]]
     if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
@@ -108,7 +104,7 @@ def decode_jpegs(batch: dict, device: torch.device) -> int | None:
     batch["image"] = images
     if bad and not good:
         return None
-    lost = [kept for j, kept in zip(job["slots"], job["kept"]) if j in set(bad)]
+    lost = [kept for j, kept in zip(job["slots"], job["kept"]) if j in bad]
     batch["kept"] -= sum(k for k, _ in lost)
     batch["kept_square"] -= sum(k for _, k in lost)
     for j in bad:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixeldiff.buckets import MIN_BUCKET_AREA, bucket_sizes, kept_fraction, nearest_bucket  # noqa: F401
+from pixeldiff.buckets import kept_fraction, nearest_bucket
 from pixeldiff.shardlist import _options_for
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -136,6 +136,11 @@ def read_caption(parts: dict, caption_key: str) -> str | None:
     return text.strip() if text is not None else None
 
 
+def flipped(opt: ReadOptions, flip_seed: int, key: str) -> bool:
+    """Whether `key`'s image is flipped (data.flip): seeded by the key, whichever process decodes it."""
+    return opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5
+
+
 def jpeg_box(w: int, h: int, cw: float, ch: float) -> tuple[int, int, int, int]:
     """The centre cw x ch box of a w x h image in whole pixels (left, top, right, bottom): each edge rounded half up
     (the centre stays where PIL's fractional box has it; a side may be a pixel longer or shorter), at least 1 pixel,
@@ -174,8 +179,8 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
             return Bad("too_small", key)
         kept, kept_square = kept_fraction(w, h, bw, bh), min(w, h) ** 2 / (w * h)
         if opt.jpeg_on_device and img.format == "JPEG" and img.mode in ("RGB", "L"):  # (nvJPEG decodes no CMYK)
-            out = {"jpeg": (parts[img_ext], jpeg_box(w, h, bw / s, bh / s),
-                            opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5), "size": (bh, bw)}
+            out = {"jpeg": (parts[img_ext], jpeg_box(w, h, bw / s, bh / s), flipped(opt, flip_seed, key)),
+                   "size": (bh, bw)}
             return _with_text(out, parts, opt, caption, key, b, kept, kept_square)  # decoded by the training process
         if img.format == "JPEG":  # decode at a reduced size when the image is much larger than needed
             img.draft("RGB", (max(bw, int(w * s)), max(bh, int(h * s))))
@@ -193,7 +198,7 @@ def decode_sample(key: str, parts: dict, opt: ReadOptions, flip_seed: int):
             img = img.crop((left, top, left + bw, top + bh))
     except Exception:  # noqa: BLE001 - anything PIL raises on bad bytes is a corrupt image
         return Bad("corrupt_image", key)
-    if opt.flip and random.Random(f"{flip_seed}:{key}").random() < 0.5:
+    if flipped(opt, flip_seed, key):
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return _with_text({"image": torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)}, parts, opt, caption, key,
                       b, kept, kept_square)

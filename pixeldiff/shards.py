@@ -38,8 +38,8 @@ import torch
 from pixeldiff.devdecode import decode_jpegs
 from pixeldiff.evaluate import held_out
 from pixeldiff.shardlist import DataError, check_protocols, shard_list
-from pixeldiff.shardread import (BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, bucket_sizes, decode_sample,
-                                 read_shard_raw)
+from pixeldiff.buckets import bucket_sizes
+from pixeldiff.shardread import BAD_KINDS, SHARD_KINDS, Bad, ReadOptions, decode_sample, read_shard_raw
 from pixeldiff.storage import storage_options
 
 

@@ -277,7 +277,7 @@ def expected_bucket(w, h, sizes):
 
 
 def test_bucket_sizes_at_the_stage_area_multiples_of_the_patch():
-    from pixeldiff.shardread import bucket_sizes
+    from pixeldiff.buckets import bucket_sizes
 
     b512 = bucket_sizes(512, 32)
     assert b512[0] == (704, 352) and b512[-1] == (352, 704) and (512, 512) in b512 and len(b512) == 11  # 1:2 .. 2:1
@@ -291,7 +291,7 @@ def test_bucket_sizes_at_the_stage_area_multiples_of_the_patch():
 
 
 def test_aspect_buckets_one_bucket_per_batch_every_sample_once_and_crop_stats(tmp_path):
-    from pixeldiff.shardread import bucket_sizes, kept_fraction
+    from pixeldiff.buckets import bucket_sizes, kept_fraction
 
     sizes = write_aspect_shards(tmp_path, n_shards=4, per_shard=7)
     pattern = str(tmp_path / "train-{000..003}.tar")

@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pixeldiff.config import DataConfig, S3Config, TextConfig  # noqa: E402
-from pixeldiff.shardread import ReadOptions, bucket_sizes, decode_sample  # noqa: E402
+from pixeldiff.buckets import bucket_sizes  # noqa: E402
+from pixeldiff.shardread import ReadOptions, decode_sample  # noqa: E402
 from pixeldiff.shards import ShardSource  # noqa: E402
 
 
